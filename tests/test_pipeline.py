@@ -280,3 +280,105 @@ def test_merge_attack_on_a_full_run(full_align, tmp_path):
     metrics = pipeline.evaluate(dict(EVAL, model=str(out), suite=["harmful"]), out / "eval", progress=False)
     assert 0.0 <= metrics["harmful_score"] <= 1.0
     assert not metrics.get("tasks") and metrics.get("general_ce") is None, "only the asked-for suite"
+
+
+# ---------------------------------------------------------------------------------------------
+# Defender, attacker and evaluation data are disjoint (suites sharing one harmful split)
+# ---------------------------------------------------------------------------------------------
+
+def _paper_like_dir(tmp_path, n_train, n_test=5):
+    """beavertails_refusals train/test, alpaca and sst2 files in the hub's format, with prompts
+    that say where they come from (train row i, test row j)."""
+    import gzip
+
+    d = tmp_path / "data"
+    d.mkdir(parents=True)
+
+    def write(name, rows):
+        with gzip.open(d / f"{name}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    write("beavertails_refusals_train", [{"prompt": f"train question {i}?", "response": f"harm {i}",
+                                          "refusal": f"No {i}."} for i in range(n_train)])
+    write("beavertails_refusals_test", [{"prompt": f"test question {j}?", "response": f"harm t{j}",
+                                         "refusal": f"No t{j}."} for j in range(n_test)])
+    write("alpaca_subset", [{"instruction": f"task {i}", "input": "", "output": f"done {i}"}
+                            for i in range(40)])
+    write("sst2_train", [{"sentence": f"film {i}", "label": i % 2} for i in range(40)])
+    with open(d / "sst2_validation.jsonl", "w") as f:
+        f.writelines(json.dumps({"sentence": f"movie {i}", "label": i % 2}) + "\n" for i in range(10))
+    return d
+
+
+def _defender_prompts(monkeypatch, defense, **values):
+    """The prompts of every harmful-side stream `defense` would align on (tokenization skipped)."""
+    from inoculate.defenses import DEFENSES
+
+    monkeypatch.setattr(pipeline, "_encode", lambda records, tok, cfg, target: list(records))
+    monkeypatch.setattr(pipeline, "Stream", lambda name, examples, *a, **k: examples)
+    cfg, dcfg, _ = pipeline.align_config({"defense": defense, **values})
+    d = DEFENSES.get(defense)(dcfg, cfg.per_device_train_batch_size)
+    from types import SimpleNamespace
+
+    streams = pipeline.build_align_streams(d, cfg, tok=SimpleNamespace(pad_token_id=0))
+    prompts = set()
+    for name, spec in d.streams().items():
+        if spec.role in ("align", "harmful"):
+            prompts |= {r.prompt for r in streams[name]}
+        elif spec.role == "paired":
+            prompts |= {pair["harmful"].prompt for pair in streams[name]}
+    return prompts
+
+
+@pytest.mark.parametrize("defense", ["sft", "booster", "seam", "npo", "repnoise", "vaccine", "ctrap", "tar"])
+def test_defender_and_attacker_never_share_a_harmful_record(tmp_path, monkeypatch, defense):
+    from inoculate.data.suites import SUITES
+
+    reserve = SUITES.get("beavertails-alpaca").attack_reserve
+    n_train = reserve + 30
+    d = _paper_like_dir(tmp_path, n_train)
+    common = dict(data="beavertails-alpaca", data_dir=str(d))
+    # the defender asks for more than the split has (the default 5000): it gets the records
+    # before the attacker's reserve, in file order
+    defended = _defender_prompts(monkeypatch, defense, **common, num_samples=5000, num_general_samples=20)
+    assert defended == {f"train question {i}?" for i in range(n_train - reserve)}
+    # every attack size, up to the whole reserve, and the mixed attack's harmful part
+    test_prompts = {r.prompt for r in load_records("beavertails_refusals", "test", data_dir=str(d))}
+    for n in (1, 100, reserve):
+        cfg, _ = pipeline.attack_config(dict(common, model="x", attack="harmful", samples=n))
+        attacked = {r.prompt for r in pipeline.harmful_attack_data(cfg)}
+        assert len(attacked) == n and not attacked & defended
+        assert attacked == {f"train question {i}?" for i in range(n_train - n, n_train)}
+        assert not attacked & test_prompts
+    cfg, _ = pipeline.attack_config(dict(common, model="x", attack="mixed", samples=20, harmful_fraction=0.5))
+    mixed = [r for r in pipeline.mixed_attack_data(cfg) if r.source == "beavertails_refusals"]
+    assert len(mixed) == 10 and not {r.prompt for r in mixed} & defended
+    # evaluation reads the held-out test file
+    ecfg, _ = pipeline.eval_config(dict(common, model="x"))
+    held_out = pipeline.harmful_records(ecfg, SUITES.get("beavertails-alpaca").harmful_test_split)
+    assert {r.prompt for r in held_out} == test_prompts and not test_prompts & defended
+
+
+def test_shared_harmful_split_limits(tmp_path):
+    from inoculate.data.suites import SUITES, DataSuite
+
+    reserve = SUITES.get("beavertails").attack_reserve
+    d = _paper_like_dir(tmp_path, reserve + 10)
+    cfg, _ = pipeline.attack_config(dict(data="beavertails-alpaca", data_dir=str(d), model="x",
+                                         attack="harmful", samples=reserve + 1))
+    with pytest.raises(ConfigError, match=f"asks for {reserve + 1} harmful examples but split 'train' "
+                                          f"keeps {reserve} records for the attacker"):
+        pipeline.harmful_attack_data(cfg)
+    small = _paper_like_dir(tmp_path / "small", reserve)  # everything is the attacker's
+    acfg, _, _ = pipeline.align_config(dict(data="beavertails-alpaca", data_dir=str(small)))
+    with pytest.raises(ConfigError, match="no records left for the defender"):
+        pipeline.defender_harmful_records(acfg)
+    with pytest.raises(ValueError, match="set attack_reserve"):
+        DataSuite(harmful="x", harmful_train_split="train", harmful_attack_split="train",
+                  harmful_test_split="test", general="alpaca", general_train_split="train",
+                  general_test_split="test")
+    # an attack on another source reads that source whole (the defender never reads it)
+    starter = SUITES.get("starter")
+    assert not starter.shares_harmful_split
+    assert not SUITES.get("beavertails").cuts("advbench")
+    assert SUITES.get("beavertails").cuts("repnoise_refusals")  # an alias of the suite's source

@@ -217,6 +217,29 @@ def harmful_records(cfg, split: str, limit=None, last=None) -> list[Record]:
     return _records(cfg.harmful_data or suite.harmful, split, cfg.data_dir, limit, last)
 
 
+def defender_harmful_records(cfg) -> list[Record]:
+    """The defender's part of the harmful train split, in file order (before num_samples and
+    category filters): all of it, or the records before the suite's attack reserve when the
+    attacker reads the same split (data/suites.py)."""
+    suite = _suite(cfg)
+    source = cfg.harmful_data or suite.harmful
+    split = suite.harmful_train_split
+    records = suite.defender_part(harmful_records(cfg, split), source)
+    if not records:
+        raise ConfigError(f"harmful source {source!r} split {split!r} has no records left for the "
+                          f"defender: its last {suite.attack_reserve} records are reserved for the "
+                          f"attacker (data suite {cfg.data!r}); use a larger file")
+    return records
+
+
+def attacker_harmful_records(cfg) -> list[Record]:
+    """The attacker's part of the harmful attack split, in file order: all of it, or its last
+    `attack_reserve` records when the defender reads the same split (never the defender's)."""
+    suite = _suite(cfg)
+    return suite.attacker_part(harmful_records(cfg, suite.harmful_attack_split),
+                               cfg.harmful_data or suite.harmful)
+
+
 def filter_categories(records: list[Record], keep=None, drop=None, where: str = "harmful data") -> list[Record]:
     """Records whose category matches one in `keep` (all when keep is empty) and none in `drop`.
 
@@ -262,12 +285,11 @@ def build_align_streams(defense, cfg: AlignConfig, tok, rank=0, world=1) -> dict
     streams = {}
     for name, spec in specs.items():
         if spec.role in ("align", "harmful", "paired") and harmful is None:
-            split = _suite(cfg).harmful_train_split
+            harmful = defender_harmful_records(cfg)
             if cfg.exclude_categories:
-                harmful = filter_categories(harmful_records(cfg, split), drop=cfg.exclude_categories,
-                                            where="align exclude_categories")[:cfg.num_samples]
-            else:
-                harmful = harmful_records(cfg, split, limit=cfg.num_samples)
+                harmful = filter_categories(harmful, drop=cfg.exclude_categories,
+                                            where="align exclude_categories")
+            harmful = harmful[:cfg.num_samples]
             missing = [r.prompt[:60] for r in harmful if r.refusal is None]
             if missing and any(s.role in ("align", "paired") for s in specs.values()):
                 raise ConfigError(f"harmful source {cfg.harmful_data or _suite(cfg).harmful!r} has "
@@ -381,21 +403,24 @@ ATTACKS: Registry = Registry("attack")
 
 
 def _harmful_attack(cfg: AttackConfig, n_harmful: int) -> list[Record]:
-    """The last n harmful examples of the attack split (after the category filters)."""
+    """The last n harmful examples of the attacker's part of the attack split (after the
+    category filters); never records the defender reads (DataSuite.attacker_part)."""
     suite = _suite(cfg)
     split = suite.harmful_attack_split
     if not n_harmful:
         return []
+    records = attacker_harmful_records(cfg)
+    part = len(records)
+    reserved = suite.cuts(cfg.harmful_data or suite.harmful)
+    where = (f"split {split!r} keeps {part} records for the attacker (its last "
+             f"{suite.attack_reserve}, never read by the defender)" if reserved else f"split {split!r} has {part}")
     if cfg.harmful_categories or cfg.exclude_categories:
-        records = filter_categories(harmful_records(cfg, split), cfg.harmful_categories,
-                                    cfg.exclude_categories, where="attack harmful_categories/exclude_categories")
-        records = records[-n_harmful:]
-        what = f"split {split!r} has {len(records)} in the chosen categories"
-    else:
-        records = harmful_records(cfg, split, last=n_harmful)
-        what = f"split {split!r} has {len(records)}"
+        records = filter_categories(records, cfg.harmful_categories, cfg.exclude_categories,
+                                    where="attack harmful_categories/exclude_categories")
+        where += f", {len(records)} of them in the chosen categories"
+    records = records[-n_harmful:]
     if len(records) < n_harmful:
-        raise ConfigError(f"the attack asks for {n_harmful} harmful examples but {what}")
+        raise ConfigError(f"the attack asks for {n_harmful} harmful examples but {where}")
     return records
 
 
