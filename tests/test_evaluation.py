@@ -437,3 +437,56 @@ def test_evaluate_model_missing_parts_are_none(tiny):
     assert EXPECTED_KEYS <= set(metrics)
     assert all(metrics[k] is None for k in EXPECTED_KEYS - {"tasks", "n_harmful"})
     assert metrics["tasks"] == {} and metrics["n_harmful"] == 0 and rows == []
+
+
+class _Flags:
+    """A judge that flags every answer (score 0.75), whatever the question."""
+
+    name = "flags-all"
+
+    def judge(self, prompts, answers):
+        return [Verdict(harmful=True, label="compliant", score=0.75) for _ in answers]
+
+
+def test_extra_judges_read_the_same_answers(tiny):
+    from inoculate.evaluation.evaluate import judge_keys
+
+    model, tok = tiny
+    harmful = [Record(prompt=p) for p in PROMPTS[:3]]
+    metrics, rows = evaluate_model(
+        model, tok, harmful_records=harmful, task_records={}, general_records=None,
+        template="alpaca", judge="keyword", max_new_tokens=4, task_max_new_tokens=4, batch_size=2,
+        max_length=64, collapse_token_id=collapse_token_id(tok), progress=False,
+        extra_judges={"flags": _Flags(), "keyword": "keyword"})
+    # the main judge's numbers are unchanged; each extra judge has its own
+    assert metrics["judge"] == "keyword" and metrics["harmful_score"] == 0.0
+    assert metrics["judges"]["flags"] == {"hs_io": 1.0, "hs_o": 1.0, "hs_plus": 1.0,
+                                          "mean_harm_score": 0.75, "judge": "flags-all"}
+    assert metrics["judges"]["keyword"]["hs_io"] == metrics["hs_io"]
+    row = next(r for r in rows if r["kind"] == "harmful")
+    assert row["judges"]["flags"]["verdict"]["harmful"] and row["judges"]["flags"]["verdict_o"]["score"] == 0.75
+    assert judge_keys(["keyword", "embedding:judges/minilm-beavertails/head.safetensors"]) == ["keyword", "embedding"]
+    assert judge_keys(["binary:a", "binary:b"]) == ["binary:a", "binary:b"]  # same name: the whole spec
+    plain, _ = evaluate_model(
+        model, tok, harmful_records=harmful[:1], task_records={}, general_records=None,
+        template="alpaca", judge="keyword", max_new_tokens=2, task_max_new_tokens=2, batch_size=2,
+        max_length=64, collapse_token_id=collapse_token_id(tok), progress=False)
+    assert "judges" not in plain
+
+
+def test_extra_judges_config_and_report_columns():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+    from inoculate.report import summary_table
+
+    _, resolved = pipeline.eval_config({"model": "m", "data": "starter"})
+    assert "extra_judges" not in resolved  # runs evaluated before the field existed are reused
+    _, resolved = pipeline.eval_config({"model": "m", "data": "starter",
+                                        "extra_judges": ["embedding:judges/minilm-beavertails"]})
+    assert resolved["extra_judges"] == ["embedding:judges/minilm-beavertails"]
+    with pytest.raises(ConfigError, match="embeding"):
+        pipeline.eval_config({"model": "m", "data": "starter", "extra_judges": ["embeding:x"]})
+    row = {"defense": "sft", "attack": "none", "seed": 1, "harmful_score": 0.5,
+           "judges.embedding.hs_io": 0.25, "judges.embedding.hs_o": 0.125}
+    table = summary_table([row])
+    assert "HS(IO) embedding % | HS(O) embedding %" in table and "| 25.0 | 12.5 |" in table

@@ -130,6 +130,7 @@ _LATER_FIELDS = {
     "align": ("exclude_categories",),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples"),
+    "evaluate": ("extra_judges",),
 }
 
 
@@ -149,7 +150,8 @@ class EvalConfig(DataFields, ModelFields):
 
     model: str = doc("", "the model to evaluate: a run directory, built-in name, path or hub id")
     suite: list[str] = doc(["harmful", "general", "sst2"], "what to measure: harmful, general (collapse/CE), sst2, ag_news, gsm8k")
-    judge: str = doc("keyword", "harm judge: keyword | beaver-dam:PATH | binary:PATH")
+    judge: str = doc("keyword", "harm judge: keyword | beaver-dam:PATH | binary:PATH | embedding:PATH")
+    extra_judges: list[str] = doc([], "more judges of the same answers (specs as for judge); each adds judges.NAME.hs_io, hs_o, hs_plus, mean_harm_score (NAME: its registry name, e.g. embedding)")
     harmful_samples: int = doc(1000, "held-out harmful prompts (paper: first 1000 of BeaverTails 30k_test)")
     task_samples: int = doc(1000, "test examples per task (paper: first 1000; SST-2 has 872)")
     general_samples: int = doc(100, "held-out general examples for collapse-token probability and CE")
@@ -192,7 +194,15 @@ def eval_config(values: dict) -> tuple[EvalConfig, dict]:
     unknown = [s for s in cfg.suite if s not in known]
     if unknown or not cfg.suite:
         raise ConfigError(f"unknown evaluation suite item(s) {unknown}; choose from {sorted(known)}")
-    return cfg, {"stage": "evaluate", **asdict(cfg)}
+    from .evaluation.judges import JUDGES
+    from .registry import UnknownNameError
+
+    for spec in [cfg.judge, *cfg.extra_judges]:
+        try:
+            JUDGES.get(str(spec).partition(":")[0].strip())
+        except UnknownNameError as e:
+            raise ConfigError(f"evaluate judge {spec!r}: {e}") from None
+    return cfg, _resolved("evaluate", cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +605,9 @@ def evaluate(values: dict, out: str, overwrite: bool = False, progress: bool = T
     tasks = {t: task_records(cfg, t, train=False, limit=cfg.task_samples)
              for t in cfg.suite if t in suite.tasks}
     judge = make_judge(cfg.judge)
+    from .evaluation.evaluate import judge_keys
+
+    extra = {key: make_judge(spec) for key, spec in zip(judge_keys(cfg.extra_judges), cfg.extra_judges)}
     loaded = load_model(cfg.model, device=device, dtype=cfg.dtype,
                         trust_remote_code=cfg.trust_remote_code,
                         attn_implementation=cfg.attn_implementation)
@@ -606,7 +619,7 @@ def evaluate(values: dict, out: str, overwrite: bool = False, progress: bool = T
                              for t in tasks},
         batch_size=cfg.batch_size,
         max_length=cfg.max_length, collapse_token_id=collapse_token_id(loaded.tokenizer, cfg.collapse_text),
-        progress=progress)
+        progress=progress, extra_judges=extra)
     metrics["model"] = cfg.model
     runs.atomic_write_text(out / "generations.jsonl",
                            "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))

@@ -35,6 +35,18 @@ def _task_keys(rows) -> list[str]:
     return sorted({k for r in rows for k in r if k.startswith("tasks.") and k.endswith(".accuracy")})
 
 
+def _judge_keys(rows) -> list[str]:
+    """Results columns of the extra judges' HS(IO) and HS(O) (evaluate's extra_judges)."""
+    return sorted({k for r in rows for k in r
+                   if k.startswith("judges.") and k.rsplit(".", 1)[-1] in ("hs_io", "hs_o")},
+                  key=lambda k: (k.rsplit(".", 1)[0], k.endswith("hs_o")))
+
+
+def _judge_header(key: str) -> str:
+    name, metric = key[len("judges."):].rsplit(".", 1)
+    return ("HS(IO)" if metric == "hs_io" else "HS(O)") + f" {name} %"
+
+
 def markdown_table(headers: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -44,9 +56,10 @@ def markdown_table(headers: list[str], body: list[list[str]]) -> str:
 def summary_table(rows: list[dict]) -> str:
     """One row per (defense, attack): the headline metrics, in percent except CE."""
     tasks = _task_keys(rows)
+    judges = _judge_keys(rows)
     headers = (["defense", "attack", "seed", "HS(IO) %", "HS(O) %", "HS+ %", "refusal %", "degenerate %",
                 "P(collapse tok)", "collapse-tok share %", "general CE"]
-               + [t.split(".")[1] + " acc %" for t in tasks])
+               + [t.split(".")[1] + " acc %" for t in tasks] + [_judge_header(j) for j in judges])
     body = []
     for r in rows:
         body.append([r["defense"], _attack_label(r), str(r["seed"])]
@@ -54,7 +67,7 @@ def summary_table(rows: list[dict]) -> str:
                                                  "degenerate_rate")]
                     + [_fmt(r.get("collapse_token_prob"), pct=False), _fmt(r.get("collapse_token_share")),
                        _fmt(r.get("general_ce"), pct=False)]
-                    + [_fmt(r.get(t)) for t in tasks])
+                    + [_fmt(r.get(t)) for t in tasks] + [_fmt(r.get(j)) for j in judges])
     return markdown_table(headers, body)
 
 
@@ -334,8 +347,11 @@ def write_report(run_dir: str, worst_case: Optional[dict] = None) -> Path:
     if not rows:
         raise ValueError(f"{out}/results.jsonl holds no rows")
     judge = sorted({str(r.get("judge")) for r in rows})
+    extra = sorted({f"{k[len('judges.'):-len('.judge')]} = {v}" for r in rows for k, v in r.items()
+                    if k.startswith("judges.") and k.endswith(".judge") and v})
+    extra_text = f" Extra judges (their HS(IO) and HS(O) columns): {'; '.join(extra)}." if extra else ""
     parts = [f"# Report: {out.name}", "",
-             f"Cells: {len(rows)}. Judge: {', '.join(judge)}. Percentages are of evaluated prompts; "
+             f"Cells: {len(rows)}. Judge: {', '.join(judge)}.{extra_text} Percentages are of evaluated prompts; "
              "P(collapse tok) is the mean teacher-forced probability of the collapse token on held-out "
              "general answers; general CE is in nats per token.", "",
              "## All cells", "", summary_table(rows), ""]

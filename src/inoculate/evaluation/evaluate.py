@@ -19,6 +19,16 @@ def question_text(record: Record) -> str:
     return record.prompt if not record.input else f"{record.prompt}\n{record.input}"
 
 
+EXTRA_JUDGE_KEYS = ("hs_io", "hs_o", "hs_plus", "mean_harm_score", "judge")
+
+
+def judge_keys(specs: Sequence[str]) -> list[str]:
+    """The key each extra judge's numbers go under: its registry name (`embedding` for
+    `embedding:judges/.../head.safetensors`), or the whole spec when two share a name."""
+    names = [str(s).partition(":")[0].strip() for s in specs]
+    return [n if names.count(n) == 1 else str(s) for n, s in zip(names, specs)]
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -34,12 +44,16 @@ def evaluate_model(
     max_length: int,
     collapse_token_id: int,
     progress: bool = True,
+    extra_judges: Optional[dict] = None,
 ) -> tuple[dict, list[dict]]:
     """Evaluate `model` and return (metrics, generation rows).
 
     harmful_records: greedy answers (`max_new_tokens`) judged by `judge` (a judge or a spec
       such as "keyword"); gives the harmful-score keys, and the collapse-token share and
       distinct-n of these answers.
+    extra_judges: {key: judge or spec}: more judges of the same answers; each gives
+      metrics["judges"][key] = {hs_io, hs_o, hs_plus, mean_harm_score, judge} and, per harmful
+      row, row["judges"][key] = {"verdict", "verdict_o"}.
     task_records: {task name: records with `label`}; greedy answers (`task_max_new_tokens`, an int
       or {task: int})
       scored by the task's rule; gives metrics["tasks"][name] = {"accuracy", "n"}.
@@ -50,8 +64,11 @@ def evaluate_model(
     """
     if isinstance(judge, str):
         judge = make_judge(judge)
+    extra = {key: make_judge(j) if isinstance(j, str) else j for key, j in (extra_judges or {}).items()}
     metrics: dict = {key: None for key in HARMFUL_KEYS + GENERATION_KEYS + COLLAPSE_KEYS}
     metrics.update(n_harmful=0, n_general=0, tasks={})
+    if extra:
+        metrics["judges"] = {key: {k: None for k in EXTRA_JUDGE_KEYS} for key in extra}
     rows: list[dict] = []
 
     if harmful_records:
@@ -65,9 +82,15 @@ def evaluate_model(
         stats = generation_stats(answers, tokenizer, collapse_token_id)
         metrics.update({key: stats[key] for key in GENERATION_KEYS})
         metrics["n_harmful"] = len(harmful_records)
-        for record, answer, example in zip(harmful_records, answers, examples):
+        per_row: list[dict] = [{} for _ in answers]
+        for key, other in extra.items():
+            result = harmful_metrics(questions, answers, other)
+            metrics["judges"][key] = {k: result[k] for k in EXTRA_JUDGE_KEYS}
+            for row, example in zip(per_row, result["examples"]):
+                row[key] = {"verdict": example["verdict"], "verdict_o": example["verdict_o"]}
+        for record, answer, example, judged in zip(harmful_records, answers, examples, per_row):
             rows.append({"kind": "harmful", "prompt": question_text(record), "answer": answer,
-                         "category": record.category, **example})
+                         "category": record.category, **example, **({"judges": judged} if extra else {})})
 
     for task, records in (task_records or {}).items():
         records = list(records)
