@@ -117,20 +117,28 @@ class Defense:
         (loss * scale).backward()
 
     @contextlib.contextmanager
-    def moved(self, direction: Sequence[torch.Tensor], step: float) -> Iterator[None]:
+    def moved(self, direction: Sequence[torch.Tensor], step: float,
+              release: bool = False) -> Iterator[None]:
         """Temporarily set θ <- θ + step·direction in place; restore θ bit-exactly on exit.
 
         The update is computed in the parameters' own dtype from fp32 master copies when the
         parameters are fp32; the saved copy is what gets restored, so no rounding survives.
 
+        ``release=True`` empties the list ``direction`` (the caller's own list) as soon as the
+        move is applied, so that its tensors are freed before the passes at the moved point
+        when nothing else refers to them: the saved copy of θ is then the only
+        parameter-sized buffer this context holds. The caller must not use the list afterwards.
+
         Autocast keeps a cache of the low-precision copies of the weights for as long as its
         context lasts (the whole micro-step here): without clearing it on both moves, every
         pass under bf16 autocast would silently run at the old θ."""
+        if release and not isinstance(direction, list):
+            raise TypeError("moved(release=True) needs the direction as a list it can empty")
         saved = [p.detach().clone() for p in self.params]
         try:
-            with torch.no_grad():
-                for p, d in zip(self.params, direction):
-                    p.add_(d.to(p.dtype), alpha=step)
+            _shift(self.params, direction, step)
+            if release:
+                direction.clear()
             torch.clear_autocast_cache()
             yield
         finally:
@@ -138,6 +146,13 @@ class Defense:
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
             torch.clear_autocast_cache()
+
+
+def _shift(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], step: float) -> None:
+    """θ += step·direction in place (a function, so no loop variable keeps a tensor alive)."""
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(d.to(p.dtype), alpha=step)
 
 
 def keep_positions(labels: torch.Tensor) -> int:
