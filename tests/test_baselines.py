@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from inoculate.config import ConfigError
 from inoculate.data.encode import collate, collate_paired
 from inoculate.defenses import get_defense
 from inoculate.defenses._layers import (LayerLookupError, attention_modules, decoder_layers,
@@ -295,6 +296,22 @@ def test_vaccine_on_gpt2_full_parameter_and_frozen_first_layers(llama):
 # Booster
 # ---------------------------------------------------------------------------------------------
 
+def _booster_by_hand(model, align, harmful, alpha=0.1):
+    """(g_f, g_h − g_h'): the alignment gradient and the regularizer's bracket, by hand."""
+    params = _params(model)
+    g_f = _grad(hand_ce(_logits(model, align), align["labels"]), params)
+    g_h = _grad(hand_ce(_logits(model, harmful), harmful["labels"]), params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+    moved = copy.deepcopy(model)
+    mparams = _params(moved)
+    with torch.no_grad():
+        for p, g in zip(mparams, g_h):
+            p.sub_(alpha * g / (norm + 1e-7))
+    g_h2 = _grad(hand_ce(_logits(moved, harmful), harmful["labels"]), mparams)
+    assert _rel(g_h2, g_h) > 1e-3  # the moved gradient differs: the regularizer is not zero
+    return g_f, [a - b for a, b in zip(g_h, g_h2)]
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_booster_gradient_matches_three_passes_by_hand(llama, lora):
     model = _model(llama, lora)
@@ -306,19 +323,85 @@ def test_booster_gradient_matches_three_passes_by_hand(llama, lora):
     got = [p.grad.clone() for p in params]
     assert all(torch.equal(p, q) for p, q in zip(params, before))  # restored bit-exactly
 
-    g_f = _grad(hand_ce(_logits(model, align), align["labels"]), params)
-    g_h = _grad(hand_ce(_logits(model, harmful), harmful["labels"]), params)
-    norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
-    moved = copy.deepcopy(model)
-    mparams = _params(moved)
-    with torch.no_grad():
-        for p, g in zip(mparams, g_h):
-            p.sub_(0.1 * g / (norm + 1e-7))
-    g_h2 = _grad(hand_ce(_logits(moved, harmful), harmful["labels"]), mparams)
-    want = [f + 5.0 * (a - b) for f, a, b in zip(g_f, g_h, g_h2)]
+    g_f, bracket = _booster_by_hand(model, align, harmful)
+    want = [f + 5.0 * r for f, r in zip(g_f, bracket)]
     _assert_close(got, want)
-    assert _rel(g_h2, g_h) > 1e-3  # the moved gradient differs: the regularizer is not zero
     assert logs["harmful_reduction"] > 0  # the simulated harmful step lowers h
+    assert d.cached is None and d.passes_per_step == 3  # every-step mode keeps no cache
+
+
+def _moved_pass_holds_direction(d, batches) -> list:
+    """Run one micro-step; for each forward pass inside Defense.moved, whether a tensor of that
+    move's direction was still alive (held by the caller or by moved itself)."""
+    import contextlib
+    import gc
+    import weakref
+
+    original, state, alive = d.moved, {"refs": None}, []
+
+    @contextlib.contextmanager
+    def recording(direction, step, **kw):
+        state["refs"] = [weakref.ref(t) for t in direction]
+        try:
+            with original(direction, step, **kw):
+                yield
+        finally:
+            state["refs"] = None
+
+    def hook(module, args, kwargs):
+        if state["refs"] is not None:
+            gc.collect()
+            alive.append(any(r() is not None for r in state["refs"]))
+
+    d.moved = recording
+    handle = d.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        d.accumulate(batches, scale=1.0)
+    finally:
+        handle.remove()
+        del d.moved
+    return alive
+
+
+def test_booster_frees_the_harmful_gradient_before_the_pass_at_the_moved_point(llama):
+    model = _model(llama, lora=False)
+    d = _defense("booster", model)
+    # the pass at θ' runs with p.grad and the restore copy only; g_h (the direction) is gone
+    assert _moved_pass_holds_direction(d, {"align": _batch(3, 4), "harmful": _batch(4, 5)}) == [False]
+
+
+def test_booster_amortized_mode_reuses_the_regularizer_gradient(llama):
+    model = _model(llama, lora=True)
+    d = _defense("booster", model, lam=5.0, alpha=0.1, lookahead_every=2)
+    assert d.passes_per_step == 2.0 and type(d).passes_per_step == 3  # 1 + 2/k on average
+    steps = [(_batch(3, 4), _batch(4, 5)), (_batch(3, 6), _batch(4, 7)), (_batch(3, 8), _batch(4, 9))]
+    grads, caches, logs = [], [], []
+    for align, harmful in steps:
+        for p in d.params:
+            p.grad = None
+        logs.append(d.accumulate({"align": align, "harmful": harmful}, scale=0.5))
+        grads.append([p.grad.clone() for p in d.params])
+        caches.append([c.clone() for c in d.cached])
+    # step 1 computes g_h − g_h' and caches it (unscaled); the step's gradient is as with k=1
+    g_f, bracket = _booster_by_hand(model, *steps[0])
+    _assert_close(caches[0], bracket)
+    _assert_close(grads[0], [0.5 * (f + 5.0 * r) for f, r in zip(g_f, bracket)])
+    assert "harmful_loss" in logs[0]
+    # step 2: no harmful passes; the fresh alignment gradient plus exactly the cached vector
+    assert set(logs[1]) == {"loss"}
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+    align = steps[1][0]
+    g_f2 = _grad(hand_ce(_logits(model, align), align["labels"]), d.params)
+    _assert_close(grads[1], [0.5 * (f + 5.0 * c) for f, c in zip(g_f2, caches[0])])
+    # step 3 refreshes on its own harmful batch
+    assert "harmful_loss" in logs[2]
+    _assert_close(caches[2], _booster_by_hand(model, *steps[2])[1])
+    assert _rel(caches[2], caches[0]) > 1e-3
+
+
+def test_booster_config_checks():
+    with pytest.raises(ConfigError, match="lookahead_every"):
+        BoosterConfig(lookahead_every=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,12 +3,18 @@
 A harmful fine-tuning step lowers the harmful loss h. Booster adds a regularizer that makes
 that step lower h as little as possible: h(θ) − h(θ − α·∇h/‖∇h‖), the loss drop of one
 normalized harmful step, minimized with a first-order gradient. See docs/methods/booster.md.
+
+Cost: 3 forward/backward passes per step; with `lookahead_every=k` (amortized mode) the two
+harmful passes run every k-th step only, 1 + 2/k passes per step on average.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
-from ..config import doc
+import torch
+
+from ..config import ConfigError, doc
 from .base import Defense, DefenseConfig, StreamSpec, global_norm, register_defense
 
 
@@ -21,6 +27,13 @@ class BoosterConfig(DefenseConfig):
     alpha: float = doc(0.1, "α, length of the simulated normalized harmful step (Booster scripts: 0.1)")
     harmful_batch_size: int = doc(10, "harmful examples per step for h (Booster code: 10)")
     eps: float = doc(1e-7, "added to ‖∇h‖ before dividing (the Huang-group code's guard, as in CTRAP)")
+    lookahead_every: int = doc(1, "recompute the regularizer's gradient ∇h(θ) − ∇h(θ') (the two harmful "
+                                  "passes) every k micro-steps and reuse the cached one in between "
+                                  "(amortized mode, 1 + 2/k passes per step; 1 = every step, the code's)")
+
+    def __post_init__(self):
+        if self.lookahead_every < 1:
+            raise ConfigError(f"booster.lookahead_every must be >= 1, got {self.lookahead_every}")
 
 
 @register_defense("booster")
@@ -33,12 +46,29 @@ class Booster(Defense):
             tensors); g_h' = ∇h(θ') on the same harmful batch; restore θ bit-exactly.
     Step 4: grad = g_f + λ·(g_h − g_h'), times scale, added to p.grad.
 
+    Each gradient list is added into p.grad (in the order g_f, λ·g_h, −λ·g_h') as soon as it
+    exists and then dropped: g_f before Step 3, g_h as soon as the move is applied (it is the
+    direction), so the pass at θ' runs with only p.grad and the restore copy alive.
+
     First order: ∇ of h(θ − α·ĝ_h) is taken as ∇h at θ' (no derivative through ĝ_h), as in the
     official code.
+
+    Amortized mode (`lookahead_every=k > 1`): every k-th micro-step (and the first) Steps 1 and
+    3 compute d = g_h − g_h' and cache it; the other micro-steps run Step 2 only. Every
+    micro-step adds scale·(g_f + λ·d) with the cached d: 1 + 2/k passes per step on average
+    (``passes_per_step`` of the instance); memory: the cache, one more copy of the trainable
+    parameters. The cache is not checkpointed: after a resume the first step recomputes it.
     """
 
     config_class = BoosterConfig
     passes_per_step = 3
+
+    def __init__(self, config: BoosterConfig, batch_size: int):
+        super().__init__(config, batch_size)
+        if config.lookahead_every > 1:
+            self.passes_per_step = 1 + 2 / config.lookahead_every  # mean over k micro-steps
+        self.steps_seen = 0
+        self.cached: Optional[List[torch.Tensor]] = None  # g_h − ∇h(θ'), amortized mode only
 
     def streams(self):
         return {"align": StreamSpec("align", self.batch_size),
@@ -47,20 +77,41 @@ class Booster(Defense):
     def accumulate(self, batches, scale):
         cfg = self.config
         harmful, align = batches["harmful"], batches["align"]
+        k = cfg.lookahead_every
+        refresh = k == 1 or self.cached is None or self.steps_seen % k == 0
+        self.steps_seen += 1
+        if not refresh:
+            f = self.lm_loss(align)
+            self.backward(f, scale)
+            self.add_to_grad(self.cached, scale * cfg.lam)
+            return {"loss": f.item()}
         # Step 1
         h = self.lm_loss(harmful)
         g_h = self.grads(h)
         norm = global_norm(g_h)
-        # Step 2
+        step = -cfg.alpha / (float(norm) + cfg.eps)
+        # Step 2, into p.grad at once (Step 4's first term)
         f = self.lm_loss(align)
         g_f = self.grads(f)
-        # Step 3
-        with self.moved(g_h, -cfg.alpha / (float(norm) + cfg.eps)):
-            h_moved = self.lm_loss(harmful)
-            g_h_moved = self.grads(h_moved)
-        # Step 4
         self.add_to_grad(g_f, scale)
-        self.add_to_grad(g_h, scale * cfg.lam)
-        self.add_to_grad(g_h_moved, -scale * cfg.lam)
+        del g_f
+        # Step 3
+        if k == 1:
+            self.add_to_grad(g_h, scale * cfg.lam)
+            with self.moved(g_h, step, release=True):  # g_h is freed before the pass at θ'
+                h_moved = self.lm_loss(harmful)
+                g_h_moved = self.grads(h_moved)
+            self.add_to_grad(g_h_moved, -scale * cfg.lam)
+        else:
+            self.cached = None  # the old cache goes before the new one is built
+            with self.moved(g_h, step):
+                h_moved = self.lm_loss(harmful)
+                g_h_moved = self.grads(h_moved)
+            for a, b in zip(g_h, g_h_moved):
+                a.sub_(b)
+            del a, b
+            self.cached = g_h  # g_h − g_h', unscaled
+            self.add_to_grad(self.cached, scale * cfg.lam)
+        del g_h_moved
         return {"loss": f.item(), "harmful_loss": h.item(), "harmful_loss_moved": h_moved.item(),
                 "harmful_reduction": (h - h_moved).item(), "harmful_grad_norm": float(norm)}
