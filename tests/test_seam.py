@@ -1,12 +1,15 @@
 """SEAM's math on the tiny model: the finite-difference L_sd gradient approaches the exact
 Hessian-vector product as ε shrinks, L_ul is the formula over every hidden state, the answer
 masks are the differing tokens, parameters come back bit-exactly, the total gradient is the sum
-of its three parts, it trains with LoRA and full parameters, and bf16 trainable weights are refused."""
+of its three parts, the amortized mode reuses exactly the cached ∇L_sd, the move directions are
+freed before the moved passes, it trains with LoRA and full parameters, and bf16 trainable
+weights are refused."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import contextlib
 import json
 
 import pytest
@@ -335,6 +338,80 @@ def test_exact_hvp_total_gradient_uses_the_cosine_gradient():
     assert logs["cos_sd"] == pytest.approx(cos, rel=1e-5)
 
 
+# -- 5b. amortized mode: ∇L_sd every k micro-steps, the cached one in between ------------------
+
+@pytest.mark.parametrize("exact", [False, True], ids=["finite-difference", "exact-hvp"])
+def test_amortized_mode_reuses_the_self_destruct_gradient(exact):
+    alpha, beta, scale = 0.7, 0.3, 0.5
+    model, tok = _model(lora=True, dtype=torch.float64)
+    d = _defense(model, tok, alpha=alpha, beta=beta, exact_hvp=exact, lookahead_every=2)
+    every = _defense(model, tok, alpha=alpha, beta=beta, exact_hvp=exact)  # k=1, the reference
+    assert d.passes_per_step == 4.0 and type(d).passes_per_step == 6  # 2 + 4/k on average
+    steps = [_batches(tok, 2), _batches(tok, 3), _batches(tok, 4)]
+    grads, caches, logs = [], [], []
+    for b in steps:
+        for p in d.params:
+            p.grad = None
+        logs.append(d.accumulate(b, scale=scale))
+        grads.append([p.grad.clone() for p in d.params])
+        caches.append([c.clone() for c in d.cached_sd])
+    # step 1 computes ∇L_sd and caches it: the same numbers as the every-step mode's
+    sd, _ = every.self_destruct_grad(steps[0]["paired"]["harmful"], steps[0]["benign"])
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], sd))
+    for p in d.params:
+        p.grad = None
+    every.accumulate(steps[0], scale=scale)
+    assert all(torch.equal(p.grad, g) for p, g in zip(d.params, grads[0]))
+    assert "cos_sd" in logs[0] and "total" in logs[0]
+    # step 2: only Steps 1-2; ∇L_ul + α∇L_up (by hand) plus exactly β times the cached vector
+    assert set(logs[1]) == {"loss_ul", "loss_up", "s_ul"}
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+    harmful, refusal = steps[1]["paired"]["harmful"], steps[1]["paired"]["refusal"]
+    fwd = lambda x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    g_ul = _grads(model, d.params, _hand_ul(model, harmful, refusal)[0])
+    g_up = _grads(model, d.params, _hand_ce(fwd(refusal), refusal["input_ids"], _answer_tokens(refusal, harmful)))
+    want = [scale * (u + alpha * p_ + beta * c) for u, p_, c in zip(g_ul, g_up, caches[0])]
+    assert _rel(grads[1], want) < 1e-6
+    # step 3 refreshes on its own batch
+    assert "cos_sd" in logs[2]
+    sd3, _ = every.self_destruct_grad(steps[2]["paired"]["harmful"], steps[2]["benign"])
+    assert all(torch.equal(a, b) for a, b in zip(caches[2], sd3))
+    assert _rel(caches[2], caches[0]) > 1e-3
+
+
+def test_finite_difference_directions_are_freed_before_the_moved_passes():
+    """Steps 5-6 run with p.grad, g_a (Step 5 only), g_b, the restore copy and the perturbed
+    gradient: the direction of each move is dropped once the move is applied."""
+    import gc
+    import weakref
+
+    model, tok = _model(lora=False)
+    d = _defense(model, tok)
+    original, state, alive = d.moved, {"refs": None}, []
+
+    @contextlib.contextmanager
+    def recording(direction, step, **kw):
+        state["refs"] = [weakref.ref(t) for t in direction]
+        try:
+            with original(direction, step, **kw):
+                yield
+        finally:
+            state["refs"] = None
+
+    def hook(module, args, kwargs):
+        if state["refs"] is not None:
+            gc.collect()
+            alive.append(any(r() is not None for r in state["refs"]))
+
+    d.moved = recording
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        d.accumulate(_batches(tok), scale=1.0)
+    finally:
+        handle.remove()
+    assert alive == [False, False]
+
+
 # -- 6. trains with LoRA and with full parameters ---------------------------------------------
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -388,6 +465,8 @@ def test_config_checks():
         SEAMConfig(epsilon=0)
     with pytest.raises(ConfigError, match="benign_batch_size"):
         SEAMConfig(benign_batch_size=0)
+    with pytest.raises(ConfigError, match="lookahead_every"):
+        SEAMConfig(lookahead_every=0)
     assert SEAM(SEAMConfig(benign_batch_size=3), batch_size=8).streams()["benign"].batch_size == 3
 
 

@@ -28,6 +28,10 @@ Options beyond the code: ``exact_hvp=true`` replaces Steps 5-6 by exact Hessian-
 (double backward; attention is switched to eager by the pipeline). ``sd_fp32`` (default on) runs
 Steps 3-6 with autocast off, so that the ε-move, which lives in the fp32 master weights, is not
 rounded away by the bf16 casts inside autocast; directions and g' − g are always formed in fp32.
+``lookahead_every=k`` (amortized mode) runs Steps 3-6 every k-th micro-step only, caches ∇L_sd and
+adds β times the cached vector on the other micro-steps: 2 + 4/k passes per step on average
+instead of 6, plus the cache (one fp32 copy of the trainable parameters; not checkpointed, so a
+resumed run recomputes it first).
 See docs/methods/seam.md for where this differs from the paper and the authors' code.
 """
 from __future__ import annotations
@@ -66,12 +70,17 @@ class SEAMConfig(DefenseConfig):
     sd_fp32: bool = doc(True, "run the L_sd gradient passes with autocast off, so the ε-move is not "
                               "rounded away by bf16 casts (ours; false = every pass under the run's autocast, "
                               "cheaper but the finite difference then mostly measures bf16 rounding)")
+    lookahead_every: int = doc(1, "recompute ∇L_sd (Steps 3-6, the four gradient passes) every k micro-steps "
+                                  "and reuse the cached one in between (amortized mode, 2 + 4/k passes per "
+                                  "step; 1 = every step, the code's)")
 
     def __post_init__(self):
         if not self.epsilon > 0:
             raise ConfigError(f"seam.epsilon must be > 0, got {self.epsilon}")
         if self.benign_batch_size is not None and self.benign_batch_size < 1:
             raise ConfigError(f"seam.benign_batch_size must be >= 1, got {self.benign_batch_size}")
+        if self.lookahead_every < 1:
+            raise ConfigError(f"seam.lookahead_every must be >= 1, got {self.lookahead_every}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +122,13 @@ def _fp32(g: torch.Tensor) -> torch.Tensor:
 class SEAM(Defense):
     config_class = SEAMConfig
     passes_per_step = 6
+
+    def __init__(self, config: SEAMConfig, batch_size: int):
+        super().__init__(config, batch_size)
+        if config.lookahead_every > 1:
+            self.passes_per_step = 2 + 4 / config.lookahead_every  # mean over k micro-steps
+        self.steps_seen = 0
+        self.cached_sd: Optional[List[torch.Tensor]] = None  # ∇L_sd, amortized mode only
 
     def streams(self):
         # paired first: it is the main stream the engine counts epochs on
@@ -234,17 +250,21 @@ class SEAM(Defense):
         g_b = [_fp32(g) for g in self.grads(loss_b)]
         n_a, n_b, cos = self._norms_and_cosine(g_a, g_b)
         # Step 5: g_a' at θ + ε(ĝ_b − c·ĝ_a), same dropout masks as Step 3; restored on exit
-        v = self._direction(g_b, n_b, g_a, n_a, cos)
-        with self.moved(v, eps), _replayed_rng(rng_a, device):
+        # (the direction list is released once the move is applied, before the pass at θ')
+        with self.moved(self._direction(g_b, n_b, g_a, n_a, cos), eps, release=True), \
+                _replayed_rng(rng_a, device):
             out = [_fp32(g) for g in self.grads(self.harmful_loss(harmful))]
-        v = self._direction(g_a, n_a, g_b, n_b, cos)
         for o, g in zip(out, g_a):                                # (g_a' − g_a)/(ε‖g_a‖), in place
             o.sub_(g).div_(eps * n_a)
-        del g_a
+        # Step 6 direction ĝ_a − c·ĝ_b, built in g_a's storage (g_a is not needed any more);
+        # the same operations as _direction, so the same numbers
+        for x, y in zip(g_a, g_b):
+            x.div_(n_a).sub_(cos * y / n_b)
+        v, g_a = g_a, None
+        del o, g, x, y  # loop variables would keep one tensor of the direction alive
         # Step 6: g_b' at θ + ε(ĝ_a − c·ĝ_b), same dropout masks as Step 4; restored on exit
-        with self.moved(v, eps), _replayed_rng(rng_b, device):
+        with self.moved(v, eps, release=True), _replayed_rng(rng_b, device):
             g_b2 = [_fp32(g) for g in self.grads(self.benign_loss(benign))]
-        del v
         for o, g2, g in zip(out, g_b2, g_b):                      # + (g_b' − g_b)/(ε‖g_b‖)
             o.add_(g2.sub_(g), alpha=1.0 / float(eps * n_b))
         return out, _sd_logs(cos, n_a, n_b, loss_a, loss_b)
@@ -275,8 +295,18 @@ class SEAM(Defense):
         self.backward(loss_ul, scale)
         loss_up = self.utility_loss(refusal)                       # Step 2
         self.backward(loss_up, scale * c.alpha)
+        k = c.lookahead_every
+        refresh = k == 1 or self.cached_sd is None or self.steps_seen % k == 0
+        self.steps_seen += 1
+        if not refresh:  # amortized mode: β times the cached ∇L_sd, no L_sd passes
+            self.add_to_grad(self.cached_sd, scale * c.beta)
+            return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), "s_ul": s.item()}
+        self.cached_sd = None  # the old cache goes before the new one is built
         sd_grad, logs = self.self_destruct_grad(harmful, batches["benign"])   # Steps 3-6
         self.add_to_grad(sd_grad, scale * c.beta)
+        if k > 1:
+            self.cached_sd = sd_grad
+        del sd_grad
         total = loss_ul.item() + c.alpha * loss_up.item() + c.beta * logs["cos_sd"]
         return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), **logs,
                 "s_ul": s.item(), "total": total}
