@@ -1,6 +1,7 @@
 """Vaccine, Booster, RepNoise, NPO and TAR on tiny models: each defense's gradient equals a hand
-computation written independently here, the generic layer finder works across architectures,
-and every defense trains through the engine with LoRA and full-parameter."""
+computation written independently here (Booster also in its amortized mode, and with the move
+direction freed before the pass at the moved point), the generic layer finder works across
+architectures, and every defense trains through the engine with LoRA and full-parameter."""
 import copy
 import math
 import os
