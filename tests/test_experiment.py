@@ -218,11 +218,86 @@ def test_write_results_keeps_rows_of_cells_not_rerun(tmp_path):
     assert [(r["defense"], r["harmful_score"]) for r in rows] == [("sft", 0.1), ("ctrap", 0.3)]
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs" / "experiments").glob("*.yaml")))
-def test_shipped_experiment_files_are_valid(name, monkeypatch):
-    from inoculate.experiment import expand, load_experiment
+ROOT = Path(__file__).parent.parent
+SHIPPED = sorted(str(p.relative_to(ROOT)) for folder in ("experiments", "repro")
+                 for p in (ROOT / "configs" / folder).glob("*.yaml"))
 
-    root = Path(__file__).parent.parent
-    monkeypatch.chdir(root)  # attack suites are found under ./configs/attacks
-    cells = expand(load_experiment(str(root / "configs" / "experiments" / name)))
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_experiment_files_are_valid(name, monkeypatch):
+    """Every file in configs/experiments and configs/repro loads, expands (every align, attack
+    and evaluate config of every cell is built and validated) and describes itself; no training."""
+    from inoculate.experiment import describe, expand, load_experiment
+
+    monkeypatch.chdir(ROOT)  # attack suites are found under ./configs/attacks
+    spec = load_experiment(name, data_dir="some/data")
+    cells = expand(spec)
     assert cells and all(c.align["defense"] for c in cells)
+    assert all(c.align["data_dir"] == c.evaluate["data_dir"] == "some/data" for c in cells)
+    assert all(c.attack_values["data_dir"] == "some/data" for c in cells if c.attack_values)
+    assert describe(spec, cells).splitlines()[0].startswith(f"experiment {spec['name']}: {len(cells)} cells")
+
+
+def test_repro_configs_follow_the_papers():
+    """The reproduction configs: all 8 defenses, the paper attack suites, held-out evaluation
+    with the keyword and the embedding judge, no data folder written into the file."""
+    from inoculate.attacks import load_attack_suite
+    from inoculate.defenses import DEFENSES
+
+    for name, suite in (("ctrap", "paper-ctrap"), ("ctrap-smollm2-cpu", "paper-ctrap-small"),
+                        ("seam", "paper-seam"), ("seam-smollm2-cpu", "paper-seam-small")):
+        spec = load_experiment(str(ROOT / "configs" / "repro" / f"{name}.yaml"))
+        assert "data_dir" not in spec, "users pass --data-dir; the hub otherwise"
+        assert spec["data"] in ("beavertails", "beavertails-alpaca")
+        if "cpu" in name:  # a subset of the small suite's attacks, with its shape
+            shared, attacks = load_attack_suite(suite)
+            assert set(spec["attacks"]) <= set(attacks)
+            for key in ("lora_mode", "num_train_epochs", "per_device_train_batch_size"):
+                assert spec["attack"][key] == shared[key], (name, key)
+        else:
+            assert spec["attack_suite"] == suite
+        defenses = {v.get("defense", k) for k, v in spec["defenses"].items()}
+        assert defenses == set(DEFENSES.names()), name
+        assert spec["evaluate"]["judge"] == "keyword"
+        assert [j.split(":")[0] for j in spec["evaluate"]["extra_judges"]] == ["embedding"]
+        assert "harmful" in spec["evaluate"]["suite"]
+
+
+def test_dry_run_prints_the_cells_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, "out": str(tmp_path / "out")}))
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--data-dir", "my/data"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("experiment grid: 32 cells = 2 defenses x 2 seeds x 8 (no attack + 7 attacks); "
+                               "4 align runs, 28 attack runs, 32 evaluations")
+    assert "   1 sft/s1/none: align sft, 2 steps" in lines
+    assert any(l.endswith(" sft/s1/harmful-samples=4: harmful, n=4, lr=1e-05, 2 steps, continue") for l in lines)
+    assert any(l.endswith(" strong-ctrap/s2/mixed-harmful_fraction=0.2-samples=20: mixed, n=20, p=0.2, "
+                          "task=sst2, lr=1e-05, 2 steps, continue") for l in lines)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    only = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--only", "strong-ctrap/s2"])
+    assert "--only 'strong-ctrap/s2': 8 of 32 cells" in only.stdout
+    assert sum(" strong-ctrap/s2/" in l for l in only.stdout.splitlines()) == 8
+    assert " sft/" not in only.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SPEC, "evaluate": {"extra_judges": ["embeding:x"]}}))
+    result = CliRunner().invoke(main, ["run", str(bad), "--dry-run"])
+    assert result.exit_code == 2 and "embeding" in result.stderr
+
+
+def test_data_dir_reaches_every_stage(tmp_path):
+    """--data-dir replaces the file's data_dir in every align, attack (chain rounds too) and
+    evaluate config."""
+    spec = {**SPEC, "data_dir": "from/file",
+            "attacks": {**SPEC["attacks"], "twice": {"chain": ["benign", "benign"]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    for given, expected in ((None, "from/file"), ("from/cli", "from/cli")):
+        cells = expand(load_experiment(str(path), data_dir=given))
+        configs = [c.align for c in cells] + [c.evaluate for c in cells]
+        configs += [c.attack_values for c in cells if c.attack_values]
+        configs += [values for c in cells for _, values in c.rounds]
+        assert {c["data_dir"] for c in configs} == {expected}

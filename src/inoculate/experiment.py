@@ -94,12 +94,77 @@ class Cell:
         return f"{self.defense}/s{self.seed}/{self.attack}"
 
 
-def load_experiment(path: str) -> dict:
+def load_experiment(path: str, data_dir: Optional[str] = None) -> dict:
+    """The experiment file as a dict, with `name` and `out` filled in. data_dir (the command
+    line's --data-dir) replaces the file's `data_dir`: every stage of every cell reads its
+    sources from that folder."""
     p = Path(path)
     spec = load_yaml(path, what="experiment file")
     spec.setdefault("name", p.stem)
     spec.setdefault("out", str(Path("runs") / spec["name"]))
+    if data_dir is not None:
+        spec["data_dir"] = str(data_dir)
     return spec
+
+
+def describe(spec: dict, cells: list, only: Optional[str] = None) -> str:
+    """What `inoculate run --dry-run` prints: the grid's size, its data, and one line per cell
+    (only those whose key contains `only`, when given); nothing is loaded or trained."""
+    from .data.sources import SOURCES
+    from .data.suites import SUITES
+
+    groups = list(dict.fromkeys((c.defense, c.seed) for c in cells))
+    attack_dirs = {(c.defense, c.seed, name) for c in cells for name, _ in c.rounds}
+    attack_dirs |= {(c.defense, c.seed, c.attack) for c in cells if c.attack_values is not None}
+    data = spec.get("data", "beavertails")
+    suite = SUITES.get(data)
+    lines = [
+        f"experiment {spec['name']}: {len(cells)} cells = {len({d for d, _ in groups})} defenses x "
+        f"{len({s for _, s in groups})} seeds x {len(cells) // max(1, len(groups))} (no attack + "
+        f"{len(cells) // max(1, len(groups)) - 1} attacks); {len(groups)} align runs, "
+        f"{len(attack_dirs)} attack runs, {len(cells)} evaluations",
+        f"out: {spec['out']}",
+        f"model: {spec.get('model', 'smollm2-135m-instruct')}",
+        f"data: suite {data!r} from "
+        + ("the packaged starter files" if SOURCES.get(suite.harmful).default_dir is not None
+           else spec.get("data_dir") or "the Hugging Face hub (no data_dir)") + "; "
+        f"harmful {suite.harmful} ({suite.harmful_train_split} / {suite.harmful_attack_split} / "
+        f"{suite.harmful_test_split} for defender / attacker / evaluation"
+        + (f", last {suite.attack_reserve} of {suite.harmful_attack_split} kept for the attacker"
+           if suite.shares_harmful_split else "") + f"), general {suite.general}, tasks "
+        + ", ".join(f"{t}={src}" for t, (src, _, _) in suite.tasks.items()),
+    ]
+    evaluate = cells[0].evaluate if cells else {}
+    judges = [evaluate.get("judge", "keyword"), *evaluate.get("extra_judges", [])]
+    lines.append(f"evaluate: {', '.join(evaluate.get('suite', ['harmful', 'general', 'sst2']))}; "
+                 f"judges {', '.join(judges)}")
+    if only:
+        lines.append(f"--only {only!r}: {sum(only in c.key for c in cells)} of {len(cells)} cells")
+    for i, c in enumerate(cells, 1):
+        if only and only not in c.key:
+            continue
+        if c.attack_values is None:
+            a = c.align
+            what = (f"align {a['defense']}" + (f", {a['max_steps']} steps" if a.get("max_steps", -1) > 0
+                                                else f", {a.get('num_train_epochs', 20)} epochs")
+                    + (", full weights" if a.get("lora") is False else ""))
+        else:
+            v = c.attack_values
+            what = f"{v.get('attack', 'harmful')}, n={v.get('samples', 100)}"
+            if v.get("attack") in ("mixed", "interleaved"):
+                what += f", p={v.get('harmful_fraction', 0.1)}"
+            if v.get("attack") in ("benign", "mixed", "interleaved"):
+                what += f", task={v.get('task', 'sst2')}"
+            what += f", lr={v.get('learning_rate', pipeline.ATTACK_DEFAULTS['learning_rate'])}"
+            what += (f", {v['max_steps']} steps" if v.get("max_steps", -1) > 0 else
+                     f", {v.get('num_train_epochs', pipeline.ATTACK_DEFAULTS['num_train_epochs'])} epochs")
+            what += f", {v.get('lora_mode', 'continue')}"
+            if v.get("objective", "sft") != "sft":
+                what += f", {v['objective']} ({v.get('projection_direction', 'harmful')})"
+            if c.chain:
+                what += f"; chain {' > '.join(c.chain)}"
+        lines.append(f"{i:4d} {c.key}: {what}")
+    return "\n".join(lines)
 
 
 def expand(spec: dict) -> list[Cell]:
@@ -225,13 +290,14 @@ def _slug(text: str) -> str:
 
 
 def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
-                   gpus: Optional[list[str]] = None, runner=None) -> Path:
+                   gpus: Optional[list[str]] = None, runner=None, data_dir: Optional[str] = None) -> Path:
     """Run every cell (reusing finished stages) and write OUT/results.jsonl.
 
     gpus: run (defense, seed) groups concurrently, one worker process per GPU id (see
     run_parallel); None runs the cells one after another here. runner: the function that runs
-    one cell (default run_cell; a module-level function when gpus are given)."""
-    spec = load_experiment(path)
+    one cell (default run_cell; a module-level function when gpus are given). data_dir: read
+    every source from this folder (replaces the file's data_dir)."""
+    spec = load_experiment(path, data_dir=data_dir)
     cells = expand(spec)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
