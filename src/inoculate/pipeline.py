@@ -420,14 +420,15 @@ def _harmful_attack(cfg: AttackConfig, n_harmful: int) -> list[Record]:
     if not n_harmful:
         return []
     records = attacker_harmful_records(cfg)
-    part = len(records)
-    reserved = suite.cuts(cfg.harmful_data or suite.harmful)
-    where = (f"split {split!r} keeps {part} records for the attacker (its last "
-             f"{suite.attack_reserve}, never read by the defender)" if reserved else f"split {split!r} has {part}")
+    reserve = (f" (its last {suite.attack_reserve} records, never read by the defender)"
+               if suite.cuts(cfg.harmful_data or suite.harmful) else "")
+    where = (f"split {split!r} keeps {len(records)} records for the attacker{reserve}" if reserve
+             else f"split {split!r} has {len(records)}")
     if cfg.harmful_categories or cfg.exclude_categories:
         records = filter_categories(records, cfg.harmful_categories, cfg.exclude_categories,
                                     where="attack harmful_categories/exclude_categories")
-        where += f", {len(records)} of them in the chosen categories"
+        where = f"split {split!r} has {len(records)} in the chosen categories" + (
+            f" among the attacker's records{reserve}" if reserve else "")
     records = records[-n_harmful:]
     if len(records) < n_harmful:
         raise ConfigError(f"the attack asks for {n_harmful} harmful examples but {where}")
