@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py --model tiny-llama                  # < 1 minute on CPU
     python benchmarks/step_cost.py --model smollm2-135m-instruct --steps 3 --defenses sft,ctrap
     python benchmarks/step_cost.py --model tiny-llama --set ctrap.trap_every=4 --label ctrap-amortized
+    python benchmarks/step_cost.py --model tiny-llama --defenses ctrap,booster,seam --amortized 4 --equal-batch
 
 Prints one JSON object per defense: seconds_per_step, peak_memory_mb, time_ratio_vs_sft,
 memory_ratio_vs_sft, plus the device, and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process
@@ -11,7 +12,21 @@ processes do not inflate). Each defense runs in its own subprocess so that peak
 memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated during the timed steps,
 on CPU the peak resident set size of the process (model, data and Python included, so CPU
 memory ratios understate the difference in training state). Same model, data, batch size and
-sequence length for every defense; the first step is a warm-up and is not timed.
+sequence length for every defense; the first step is a warm-up and is not timed. The
+timed steps cover --steps micro-steps, so for an amortized row pick --steps as a multiple of k
+(the warm-up step is a refresh, the timed ones start a new cycle).
+
+--amortized K adds, after the every-step row of each defense that has an amortized mode
+(CTRAP trap_every, Booster and SEAM lookahead_every), a row NAME-amortized-kK run with that
+option set to K. passes_per_step is the defense instance's (the mean over a cycle where the
+defense reports it).
+
+--equal-batch adds ratios against SFT trained on as many examples per step as the defense's
+retain batch, the examples it fits at θ: CTRAP's alignment + general batch (SFT then runs one
+pass on the same concatenated alignment + general batch, i.e. CTRAP's Step 4 alone), TAR's
+retain batch, and for every other defense its alignment batch (the refusal half of a paired
+batch), which is the plain SFT reference. The rows gain equal_batch_sft (the reference's
+streams) and time/cpu_time/memory_ratio_vs_sft_equal_batch; every reference SFT gets a row.
 """
 from __future__ import annotations
 
@@ -31,6 +46,31 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # more than the starter set's 100 harmful prompts: the benchmark runs it with 16 inner steps.
 # Its cost grows linearly with inner_steps (inner_steps + inner_steps/4 + 1 passes per step).
 SMALL_DATA_OVERRIDES = {"tar": ["tar.inner_steps=16"]}
+
+# the amortized-mode option of each look-ahead defense (--amortized K sets it to K)
+AMORTIZED = {"ctrap": "trap_every", "booster": "lookahead_every", "seam": "lookahead_every"}
+
+# the streams that make up a defense's retain batch (--equal-batch); others: its "align"
+# stream, else its first (main) stream, whose paired batch counts as its refusal half
+RETAIN_STREAMS = {"ctrap": ("align", "general"), "tar": ("retain",)}
+
+
+def retain_batch(name: str, args, overrides: list) -> list:
+    """[(role, examples)] of the defense's retain batch, the equal-batch SFT reference's streams."""
+    from inoculate.config import parse_overrides
+    from inoculate.defenses import DEFENSES
+    from inoculate.pipeline import align_config
+
+    values = {"defense": name, "model": args.model, "per_device_train_batch_size": args.batch_size,
+              **parse_overrides(overrides)}
+    cfg, dcfg, _ = align_config(values)
+    specs = DEFENSES.get(name)(dcfg, cfg.per_device_train_batch_size).streams()
+    names = RETAIN_STREAMS.get(name) or (("align",) if "align" in specs else (next(iter(specs)),))
+    sizes: dict = {}
+    for n in names:
+        role = "align" if specs[n].role == "paired" else specs[n].role
+        sizes[role] = sizes.get(role, 0) + specs[n].batch_size
+    return sorted(sizes.items())
 
 
 def worker(args) -> dict:
@@ -60,6 +100,25 @@ def worker(args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     defense = DEFENSES.get(cfg.defense)(dcfg, cfg.per_device_train_batch_size)
     defense.setup(model, loaded.tokenizer)
+    if args.sft_streams:  # equal-batch reference: SFT on the concatenated streams, one pass
+        from inoculate.defenses.base import StreamSpec
+        from inoculate.defenses.ctrap import concat_batches
+
+        specs = {role: StreamSpec(role, int(n)) for role, n in
+                 (part.split(":") for part in args.sft_streams.split(","))}
+        pad_id = loaded.tokenizer.pad_token_id
+        defense.streams = lambda: specs
+
+        def sft_on_concatenation(batches, scale):
+            parts = list(batches.values())
+            batch = parts[0]
+            for other in parts[1:]:
+                batch = concat_batches(batch, other, pad_id)
+            loss = defense.lm_loss(batch)
+            defense.backward(loss, scale)
+            return {"loss": loss.item()}
+
+        defense.accumulate = sft_on_concatenation
     streams = build_align_streams(defense, cfg, loaded.tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -105,8 +164,17 @@ def main() -> None:
     parser.add_argument("--bf16", default="auto")
     parser.add_argument("--set", nargs="*", help="extra config overrides, e.g. ctrap.trap_every=4")
     parser.add_argument("--label", default=None, help="name for the extra row run with --set (compared to sft)")
+    parser.add_argument("--amortized", type=int, default=0, metavar="K",
+                        help="also run each defense with an amortized mode (ctrap trap_every, booster/seam "
+                             "lookahead_every) at k=K, as a row NAME-amortized-kK")
+    parser.add_argument("--equal-batch", action="store_true",
+                        help="also compare with SFT on as many examples per step as the defense's retain "
+                             "batch (CTRAP: alignment + general batch)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sft-streams", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.amortized < 0:
+        parser.error("--amortized must be >= 1 (0 = no amortized rows)")
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -115,30 +183,62 @@ def main() -> None:
 
     names = args.defenses.split(",") if args.defenses else DEFENSES.names()
     names = ["sft"] + [n for n in names if n != "sft"]  # the reference runs first
-    results = {}
+    runs = []  # (row name, defense, overrides)
     for name in names:
+        extra = list(SMALL_DATA_OVERRIDES.get(name, [])) + (list(args.set or []) if name != "sft" else [])
+        runs.append((args.label if (args.label and name != "sft") else name, name, extra))
+        if args.amortized and name in AMORTIZED:
+            runs.append((f"{name}-amortized-k{args.amortized}", name,
+                         extra + [f"{name}.{AMORTIZED[name]}={args.amortized}"]))
+
+    def measure(name, extra, sft_streams=None):
         cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--data", args.data,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--bf16", args.bf16]
         if args.full:
             cmd.append("--full")
-        extra = list(SMALL_DATA_OVERRIDES.get(name, [])) + (list(args.set or []) if name != "sft" else [])
+        if sft_streams:
+            cmd += ["--sft-streams", sft_streams]
         if extra:
             cmd += ["--set", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(json.dumps({"defense": name, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
+            return {"error": proc.stderr.strip().splitlines()[-1:]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def ratios(result, base, suffix=""):
+        return {f"time_ratio_vs_sft{suffix}": result["seconds_per_step"] / base["seconds_per_step"],
+                f"memory_ratio_vs_sft{suffix}": result["peak_memory_mb"] / base["peak_memory_mb"],
+                f"cpu_time_ratio_vs_sft{suffix}": result["cpu_seconds_per_step"] / base["cpu_seconds_per_step"]}
+
+    def common(extra, batch_size):
+        return {"model": args.model, "overrides": extra, "batch_size": batch_size,
+                "max_length": args.max_length, "mode": "full" if args.full else "lora"}
+
+    base = None
+    references = {}  # equal-batch SFT references by their streams
+    for row_name, name, extra in runs:
+        result = measure(name, extra)
+        if "error" in result:
+            print(json.dumps({"defense": row_name, **result}), flush=True)
             continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        base = results.get("sft")
-        row = {"defense": args.label if (args.label and name != "sft") else name, "model": args.model,
-               "overrides": SMALL_DATA_OVERRIDES.get(name, []),
-               "batch_size": args.batch_size, "max_length": args.max_length,
-               "mode": "full" if args.full else "lora", **results[name]}
+        if name == "sft":
+            base = result
+            references[f"align:{args.batch_size}"] = result
+        row = {"defense": row_name, **common(extra, args.batch_size), **result}
         if base:
-            row["time_ratio_vs_sft"] = results[name]["seconds_per_step"] / base["seconds_per_step"]
-            row["memory_ratio_vs_sft"] = results[name]["peak_memory_mb"] / base["peak_memory_mb"]
-            row["cpu_time_ratio_vs_sft"] = results[name]["cpu_seconds_per_step"] / base["cpu_seconds_per_step"]
+            row.update(ratios(result, base))
+        if args.equal_batch and name != "sft":
+            key = ",".join(f"{role}:{n}" for role, n in retain_batch(name, args, extra))
+            if key not in references:
+                ref = measure("sft", [], sft_streams=key)
+                references[key] = None if "error" in ref else ref
+                print(json.dumps({"defense": "sft", "equal_batch_for": row_name, "sft_streams": key,
+                                  **common([], sum(int(part.split(":")[1]) for part in key.split(","))),
+                                  **ref}), flush=True)
+            row["equal_batch_sft"] = key
+            if references[key]:
+                row.update(ratios(result, references[key], "_equal_batch"))
         print(json.dumps(row), flush=True)
 
 
