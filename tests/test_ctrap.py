@@ -53,14 +53,14 @@ def _grads(model, params, loss):
     return [g.detach().clone() for g in torch.autograd.grad(loss, params)]
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_first_order_gradient_matches_three_passes_by_hand(lora):
+@pytest.mark.parametrize("lora,collapse_data", [(True, "retain"), (False, "retain"), (True, "general")])
+def test_first_order_gradient_matches_three_passes_by_hand(lora, collapse_data):
     model, tok = _model(lora)
     b = _batches(tok)
-    d = _defense(model, tok, alpha=0.1, lambda_collapse=0.1)
+    d = _defense(model, tok, alpha=0.1, lambda_collapse=0.1, collapse_data=collapse_data)
     params = d.params
     before = [p.detach().clone() for p in params]
-    d.accumulate(b, scale=1.0)
+    logs = d.accumulate(b, scale=1.0)
     got = [p.grad.clone() for p in params]
     # parameters are bit-identical after the simulated step and its restore
     assert all(torch.equal(p, q) for p, q in zip(params, before))
@@ -74,12 +74,16 @@ def test_first_order_gradient_matches_three_passes_by_hand(lora):
         for p, g in zip(params, g_h):
             p.sub_(0.1 * g / (norm + 1e-7))
     e = tok(" error", add_special_tokens=False)["input_ids"][-1]
-    relabelled = torch.where(retain["labels"] != -100, e, -100)
-    g_c = _grads(model, params, token_ce(fwd(retain), relabelled))
+    trap = retain if collapse_data == "retain" else b["general"]
+    relabelled = torch.where(trap["labels"] != -100, e, -100)
+    g_c = _grads(model, params, token_ce(fwd(trap), relabelled))
     with torch.no_grad():
         for p, q in zip(params, before):
             p.copy_(q)
     g_a = _grads(model, params, token_ce(fwd(retain), retain["labels"]))
+    # the dormancy monitor is the collapse loss at θ on the retain batch
+    at_theta = token_ce(fwd(retain), torch.where(retain["labels"] != -100, e, -100))
+    assert logs["collapse_loss_at_theta"] == pytest.approx(float(at_theta), rel=1e-5)
     expected = [a + 0.1 * c for a, c in zip(g_a, g_c)]
     assert sum(float(g.abs().sum()) for g in g_c) > 0
     for x, y in zip(got, expected):
@@ -186,6 +190,20 @@ def test_amortized_mode_reuses_the_trap_gradient():
     for p, a, c in zip(d.params, g_a, cached):
         torch.testing.assert_close(p.grad, a + 0.5 * c, rtol=1e-5, atol=1e-8)
     assert all(torch.equal(x, y) for x, y in zip(cached, d.cached_trap))
+
+
+def test_trap_direction_is_freed_before_the_pass_at_theta_prime():
+    from test_baselines import _moved_pass_holds_direction
+    model, tok = _model(lora=False)
+    d = _defense(model, tok)
+    assert _moved_pass_holds_direction(d, _batches(tok)) == [False]
+    assert _defense(model, tok, trap_every=4).passes_per_step == 1.5
+
+
+def test_bad_collapse_data_is_rejected():
+    from inoculate.config import ConfigError
+    with pytest.raises(ConfigError, match="collapse_data"):
+        CTRAPConfig(collapse_data="harmful")
 
 
 def test_bad_collapse_target_is_rejected():

@@ -123,6 +123,33 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny, tmp_path):
     assert any(not torch.allclose(g_half[n], g1[n], atol=1e-6) for n in g1)
 
 
+class _ReportsEveryOther(SFT):
+    """Reports `sparse` only on its first micro-step, like an amortized look-ahead defense."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = 0
+
+    def accumulate(self, batches, scale):
+        self.calls += 1
+        out = super().accumulate(batches, scale)
+        if self.calls % 2 == 1:
+            out["sparse"] = 3.0
+        return out
+
+
+def test_logged_values_average_over_the_micro_steps_that_report_them(tiny, tmp_path):
+    model_, tok = tiny
+    model = copy.deepcopy(model_)
+    model.requires_grad_(True)
+    defense = _ReportsEveryOther(SFTConfig(), 2)
+    defense.setup(model, tok)
+    streams = {"align": Stream("align", _examples(4, length=12, answer_from=5), 2, tok.pad_token_id, seed=0)}
+    result = train(model, defense, streams, _args(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                   tmp_path / "sparse", main_stream="align", progress=False)
+    assert result.last_logs["sparse"] == pytest.approx(3.0)  # not 1.5 (3 divided by 2 micro-steps)
+
+
 class _NaNAtStep(SFT):
     def __init__(self, *a, bad_call=2, where="loss", **kw):
         super().__init__(*a, **kw)

@@ -226,12 +226,17 @@ def train(
         model.train()
         optimizer.zero_grad(set_to_none=True)
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         for _ in range(accumulation):
             batches = {name: to_device(s.next(), device) for name, s in streams.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = defense.accumulate(batches, scale=1.0 / accumulation)
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accumulation
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+        # each value is the mean over the micro-steps that reported it (amortized modes report
+        # their look-ahead losses only on refresh micro-steps)
+        sums = {k: v / counts[k] for k, v in sums.items()}
         bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
         if bad:
             raise NonFiniteLossError(

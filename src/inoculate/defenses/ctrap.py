@@ -9,7 +9,8 @@ One optimizer step as the official code runs it (first order):
   Step 4. g_a = ∇CE(θ; retain batch)
   Step 5. grad = g_a + λ·g_c  -> the engine's optimizer step
 The retain batch is the alignment batch (harmful prompt -> refusal) concatenated with an
-equal-size general batch; ℓ_collapse is the same batch with every answer label replaced by the
+equal-size general batch; ℓ_collapse is the same batch (or, with `collapse_data=general`, the
+general half only, as the paper's formula writes it) with every answer label replaced by the
 collapse token e (the last token of "an error"), or, as options, cross-entropy to the uniform
 distribution (entropy maximisation) or to a fixed random distribution.
 
@@ -36,6 +37,7 @@ from ..evaluation.metrics import collapse_token_id
 from .base import Defense, DefenseConfig, StreamSpec, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
+COLLAPSE_DATA = ("retain", "general")
 
 
 @dataclass
@@ -51,12 +53,16 @@ class CTRAPConfig(DefenseConfig):
     harmful_batch_size: int = doc(10, "examples per harmful batch (CTRAP code: 10)")
     general_batch_size: Optional[int] = doc(None, "general examples in the retain batch; default = the alignment batch size (5 + 5 in the code)")
     trap_every: int = doc(1, "refresh the trap gradient every k steps and reuse it in between (amortized mode; 1 = every step)")
+    collapse_data: str = doc("retain", "batch the collapse term is taken on: retain (alignment + general, the official code) "
+                                       "| general (general only, the paper's formula ℓ_collapse(θ'; D_general))")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
             raise ConfigError(f"ctrap.collapse_target must be one of {COLLAPSE_TARGETS}, got {self.collapse_target!r}")
         if self.trap_every < 1:
             raise ConfigError("ctrap.trap_every must be >= 1")
+        if self.collapse_data not in COLLAPSE_DATA:
+            raise ConfigError(f"ctrap.collapse_data must be one of {COLLAPSE_DATA}, got {self.collapse_data!r}")
         if self.second_order and self.trap_every != 1:
             raise ConfigError("ctrap.second_order and trap_every > 1 do not combine")
 
@@ -89,6 +95,11 @@ def collapse_loss(logits: torch.Tensor, labels: torch.Tensor, target: str, token
 class CTRAP(Defense):
     config_class = CTRAPConfig
     passes_per_step = 3
+
+    def __init__(self, config: CTRAPConfig, batch_size: int):
+        super().__init__(config, batch_size)
+        if config.trap_every > 1:
+            self.passes_per_step = 1 + 2 / config.trap_every  # mean over k micro-steps
 
     def streams(self):
         c = self.config
@@ -124,19 +135,20 @@ class CTRAP(Defense):
     def accumulate(self, batches, scale):
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
+        trap_batch = retain if c.collapse_data == "retain" else batches["general"]
         logs = {}
         refresh = self.steps_seen % c.trap_every == 0 or self.cached_trap is None
         self.steps_seen += 1
         if c.second_order:
-            logs.update(self._trap_second_order(batches["harmful"], retain, scale))
+            logs.update(self._trap_second_order(batches["harmful"], trap_batch, scale))
         elif refresh:
             # Step 1: harmful gradient at θ (not into p.grad)
             loss_h = self.lm_loss(batches["harmful"])
-            g_h = self.grads(loss_h)
-            direction, step = self.simulated_step(g_h)
-            # Steps 2-3: collapse gradient at θ', then exact restore
-            with self.moved(direction, step):
-                loss_c = self.collapse(*self.answer_logits(retain))
+            direction, step = self.simulated_step(self.grads(loss_h))
+            self.cached_trap = None  # the old cache goes before the new one is built
+            # Steps 2-3: collapse gradient at θ' (the direction is freed once applied), then exact restore
+            with self.moved(direction, step, release=True):
+                loss_c = self.collapse(*self.answer_logits(trap_batch))
                 if c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse)
                 else:
@@ -145,12 +157,17 @@ class CTRAP(Defense):
         if c.trap_every > 1 and not c.second_order:
             self.add_to_grad(self.cached_trap, scale * c.lambda_collapse)
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
-        loss_a = self.lm_loss(retain)
+        logits, labels = self.answer_logits(retain)
+        loss_a = token_ce(logits, labels)
         self.backward(loss_a, scale)
         logs["align_loss"] = loss_a.item()
+        # Dormancy monitor, free: the collapse loss at θ itself on the same retain logits.
+        # The trap works when this stays high while collapse_loss (at θ') falls.
+        with torch.no_grad():
+            logs["collapse_loss_at_theta"] = self.collapse(logits.detach(), labels).item()
         return logs
 
-    def _trap_second_order(self, harmful, retain, scale):
+    def _trap_second_order(self, harmful, trap_batch, scale):
         """λ·∇_θ ℓ_collapse(θ'(θ)) with θ'(θ) = θ − α·ĝ_h(θ), differentiated exactly."""
         from torch.func import functional_call
 
@@ -162,8 +179,8 @@ class CTRAP(Defense):
         factor = c.alpha / (norm + 1e-7) if c.normalize else c.alpha
         moved = {n: p - factor * g for n, p, g in zip(self._names, self.params, g_h)}
         logits = functional_call(self.model, moved, args=(),
-                                 kwargs={"input_ids": retain["input_ids"],
-                                         "attention_mask": retain["attention_mask"]}).logits
-        loss_c = self.collapse(logits, retain["labels"])
+                                 kwargs={"input_ids": trap_batch["input_ids"],
+                                         "attention_mask": trap_batch["attention_mask"]}).logits
+        loss_c = self.collapse(logits, trap_batch["labels"])
         self.add_to_grad(self.grads(loss_c), scale * c.lambda_collapse)
         return {"harmful_loss": loss_h.item(), "collapse_loss": loss_c.item()}
