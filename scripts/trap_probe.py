@@ -1,0 +1,138 @@
+"""Probe a defended model's collapse trap (docs/methods/ctrap-smollm2.md).
+
+    python scripts/trap_probe.py RUN/align                       # along harmful-gradient directions
+    python scripts/trap_probe.py RUN/align --attack sgd:0.1:12 adamw:5e-5:80   # along attack paths
+
+RUN/align is an align run directory holding a LoRA adapter. Data come from the run's own config
+(suite, data_dir): the defender's harmful examples, the attacker's harmful examples (disjoint
+from the defender's), and held-out general answers.
+
+Directions: for the normalized harmful gradient ĝ of several batches (defender's, attacker's)
+and a random direction, move θ − t·ĝ for several t and print the collapse cross-entropy (CE to
+the collapse token at every answer position) on held-out general answers and on harmful
+answers, and the harmful CE. A trap that generalizes collapses along ĝ of unseen batches and not
+along a random direction.
+
+Attack paths: plain SGD or AdamW (no weight decay) on the attacker's harmful examples, batch 4,
+continuing the defended adapter; after every step the general collapse CE and the harmful CE.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+import yaml
+
+from inoculate.data.encode import collate
+from inoculate.defenses.base import global_norm, token_ce
+from inoculate.evaluation.metrics import collapse_token_id
+from inoculate.models import load_model
+from inoculate.pipeline import (_encode, _suite, align_config, attacker_harmful_records,
+                                defender_harmful_records, general_records)
+
+DISTANCES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
+
+
+class Probe:
+    def __init__(self, run: str, collapse_text: str):
+        values = {k: v for k, v in yaml.safe_load(open(f"{run}/config.yaml")).items() if k != "stage"}
+        self.cfg, _, _ = align_config(values)
+        self.run = run
+        self.collapse_text = collapse_text
+        self.load()
+        suite = _suite(self.cfg)
+        self.defender = defender_harmful_records(self.cfg)[:100]
+        self.attacker = attacker_harmful_records(self.cfg)[-80:]
+        self.general = self.batch(general_records(self.cfg, suite.general_test_split, limit=10), "response")
+        self.harmful = self.batch(self.attacker[:8], "response")
+
+    def load(self):
+        loaded = load_model(self.run, keep_adapter=True)
+        self.model, self.tok = loaded.model, loaded.tokenizer
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise SystemExit(f"{self.run} holds no LoRA adapter to probe")
+        self.e = collapse_token_id(self.tok, self.collapse_text)
+
+    def batch(self, records, target):
+        return collate(_encode(records, self.tok, self.cfg, target), self.tok.pad_token_id)
+
+    def logits(self, b):
+        return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+    @torch.no_grad()
+    def ce(self, b, collapse: bool) -> float:
+        self.model.eval()
+        labels = torch.where(b["labels"] != -100, self.e, -100) if collapse else b["labels"]
+        return float(token_ce(self.logits(b), labels))
+
+    def state(self) -> str:
+        return (f"general collapse CE {self.ce(self.general, True):6.2f}  harmful collapse CE "
+                f"{self.ce(self.harmful, True):6.2f}  harmful CE {self.ce(self.harmful, False):5.2f}")
+
+    def gradient(self, records):
+        b = self.batch(records, "response")
+        loss = token_ce(self.logits(b), b["labels"])
+        return [g.detach() for g in torch.autograd.grad(loss, self.params)]
+
+    def along(self, name, direction):
+        norm = float(global_norm(direction))
+        backup = [p.detach().clone() for p in self.params]
+        print(f"{name} (‖g‖ = {norm:.3f})")
+        for t in DISTANCES:
+            with torch.no_grad():
+                for p, p0, d in zip(self.params, backup, direction):
+                    p.copy_(p0 - t * d / norm)
+            print(f"  t = {t:<4}  {self.state()}", flush=True)
+        with torch.no_grad():
+            for p, p0 in zip(self.params, backup):
+                p.copy_(p0)
+
+    def directions(self):
+        torch.manual_seed(0)
+        self.along("defender batch 0-3", self.gradient(self.defender[0:4]))
+        self.along("defender batch 40-43", self.gradient(self.defender[40:44]))
+        self.along("attacker batch 0-3 (unseen)", self.gradient(self.attacker[0:4]))
+        self.along("attacker batch 0-39 (unseen)", self.gradient(self.attacker[0:40]))
+        self.along("random direction", [torch.randn_like(p) for p in self.params])
+
+    def attack(self, spec: str):
+        name, lr, steps = spec.split(":")
+        lr, steps = float(lr), int(steps)
+        self.load()
+        opt = (torch.optim.SGD(self.params, lr=lr) if name == "sgd"
+               else torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0))
+        rng, order = random.Random(0), list(range(len(self.attacker)))
+        print(f"attack {spec}")
+        for step in range(steps + 1):
+            print(f"  step {step:3d}  {self.state()}", flush=True)
+            if step == steps:
+                break
+            if step % 20 == 0:
+                rng.shuffle(order)
+            b = self.batch([self.attacker[order[(step * 4 + i) % len(order)]] for i in range(4)], "response")
+            self.model.train()
+            loss = token_ce(self.logits(b), b["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="an align run directory with a LoRA adapter")
+    ap.add_argument("--attack", nargs="*", default=None,
+                    help="OPTIM:LR:STEPS paths to follow (OPTIM sgd or adamw) instead of the directions")
+    ap.add_argument("--collapse-text", default="an error")
+    args = ap.parse_args()
+    probe = Probe(args.run, args.collapse_text)
+    if args.attack:
+        for spec in args.attack:
+            probe.attack(spec)
+    else:
+        probe.directions()
+
+
+if __name__ == "__main__":
+    main()
