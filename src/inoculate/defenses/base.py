@@ -56,6 +56,7 @@ class Defense:
         self.batch_size = batch_size  # the run's per_device_train_batch_size
         self.params: List[torch.nn.Parameter] = []
         self.model: Optional[torch.nn.Module] = None
+        self.steps_seen = 0  # micro-steps so far (amortized look-ahead modes count on it)
 
     # -- set up ---------------------------------------------------------------------------------
     def streams(self) -> Dict[str, StreamSpec]:
@@ -115,6 +116,13 @@ class Defense:
     def backward(self, loss: torch.Tensor, scale: float) -> None:
         """Plain backward of scale*loss into p.grad (cheapest when nothing else is needed)."""
         (loss * scale).backward()
+
+    def lookahead_due(self, every: int, cached) -> bool:
+        """Amortized look-ahead modes: whether this micro-step recomputes the cached look-ahead
+        gradient (every `every`-th micro-step, and whenever there is no cache); counts the step."""
+        due = every == 1 or cached is None or self.steps_seen % every == 0
+        self.steps_seen += 1
+        return due
 
     @contextlib.contextmanager
     def moved(self, direction: Sequence[torch.Tensor], step: float,

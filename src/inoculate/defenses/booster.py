@@ -67,7 +67,6 @@ class Booster(Defense):
         super().__init__(config, batch_size)
         if config.lookahead_every > 1:
             self.passes_per_step = 1 + 2 / config.lookahead_every  # mean over k micro-steps
-        self.steps_seen = 0
         self.cached: Optional[List[torch.Tensor]] = None  # g_h − ∇h(θ'), amortized mode only
 
     def streams(self):
@@ -78,8 +77,7 @@ class Booster(Defense):
         cfg = self.config
         harmful, align = batches["harmful"], batches["align"]
         k = cfg.lookahead_every
-        refresh = k == 1 or self.cached is None or self.steps_seen % k == 0
-        self.steps_seen += 1
+        refresh = self.lookahead_due(k, self.cached)
         if not refresh:
             f = self.lm_loss(align)
             self.backward(f, scale)

@@ -119,7 +119,6 @@ class CTRAP(Defense):
             vocab = model.get_output_embeddings().weight.shape[0]
             g = torch.Generator().manual_seed(c.random_target_seed)
             self.distribution = torch.softmax(torch.randn(vocab, generator=g), dim=0)
-        self.steps_seen = 0
         self.cached_trap: Optional[list] = None
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -137,8 +136,7 @@ class CTRAP(Defense):
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
         trap_batch = retain if c.collapse_data == "retain" else batches["general"]
         logs = {}
-        refresh = self.steps_seen % c.trap_every == 0 or self.cached_trap is None
-        self.steps_seen += 1
+        refresh = self.lookahead_due(c.trap_every, self.cached_trap)
         if c.second_order:
             logs.update(self._trap_second_order(batches["harmful"], trap_batch, scale))
         elif refresh:

@@ -127,7 +127,6 @@ class SEAM(Defense):
         super().__init__(config, batch_size)
         if config.lookahead_every > 1:
             self.passes_per_step = 2 + 4 / config.lookahead_every  # mean over k micro-steps
-        self.steps_seen = 0
         self.cached_sd: Optional[List[torch.Tensor]] = None  # ∇L_sd, amortized mode only
 
     def streams(self):
@@ -296,8 +295,7 @@ class SEAM(Defense):
         loss_up = self.utility_loss(refusal)                       # Step 2
         self.backward(loss_up, scale * c.alpha)
         k = c.lookahead_every
-        refresh = k == 1 or self.cached_sd is None or self.steps_seen % k == 0
-        self.steps_seen += 1
+        refresh = self.lookahead_due(k, self.cached_sd)
         if not refresh:  # amortized mode: β times the cached ∇L_sd, no L_sd passes
             self.add_to_grad(self.cached_sd, scale * c.beta)
             return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), "s_ul": s.item()}
