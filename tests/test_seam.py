@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import contextlib
 import json
 
 import pytest
@@ -382,33 +381,11 @@ def test_amortized_mode_reuses_the_self_destruct_gradient(exact):
 def test_finite_difference_directions_are_freed_before_the_moved_passes():
     """Steps 5-6 run with p.grad, g_a (Step 5 only), g_b, the restore copy and the perturbed
     gradient: the direction of each move is dropped once the move is applied."""
-    import gc
-    import weakref
+    from test_baselines import _moved_pass_holds_direction
 
     model, tok = _model(lora=False)
     d = _defense(model, tok)
-    original, state, alive = d.moved, {"refs": None}, []
-
-    @contextlib.contextmanager
-    def recording(direction, step, **kw):
-        state["refs"] = [weakref.ref(t) for t in direction]
-        try:
-            with original(direction, step, **kw):
-                yield
-        finally:
-            state["refs"] = None
-
-    def hook(module, args, kwargs):
-        if state["refs"] is not None:
-            gc.collect()
-            alive.append(any(r() is not None for r in state["refs"]))
-
-    d.moved = recording
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        d.accumulate(_batches(tok), scale=1.0)
-    finally:
-        handle.remove()
+    alive = _moved_pass_holds_direction(d, _batches(tok))
     assert alive == [False, False]
 
 
