@@ -301,3 +301,35 @@ def test_data_dir_reaches_every_stage(tmp_path):
         configs += [c.attack_values for c in cells if c.attack_values]
         configs += [values for c in cells for _, values in c.rounds]
         assert {c["data_dir"] for c in configs} == {expected}
+
+
+def test_align_out_shares_the_aligned_models_between_experiments(tmp_path):
+    """Two experiments with the same align settings and align_out align once; different
+    align settings in that folder are refused, not silently reused."""
+    from inoculate.runs import RunDirError
+
+    base = _grid(tmp_path / "first")
+    base["defenses"] = {"sft": {}}
+    base["attacks"] = {}
+    base["align"] = {**base["align"], "max_steps": 1}
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({**base, "align_out": str(tmp_path / "aligned")}))
+    run_experiment(str(first), progress=False)
+    marker = tmp_path / "aligned/sft/s42/align/run.json"
+    mtime = marker.stat().st_mtime_ns
+    assert not (tmp_path / "first/sft/s42/align").exists()
+
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**base, "out": str(tmp_path / "second"), "align_out": str(tmp_path / "aligned"),
+                                      "evaluate": {**base["evaluate"], "max_new_tokens": 2}}))
+    run_experiment(str(second), progress=False)
+    assert marker.stat().st_mtime_ns == mtime, "the shared align run was trained again"
+    [row] = read_results(tmp_path / "second")
+    assert row["align_dir"] == str(tmp_path / "aligned/sft/s42/align")
+    assert (tmp_path / "second/sft/s42/eval/run.json").exists()
+
+    third = tmp_path / "third.yaml"
+    third.write_text(yaml.safe_dump({**base, "out": str(tmp_path / "third"), "align_out": str(tmp_path / "aligned"),
+                                     "align": {**base["align"], "max_steps": 2}}))
+    with pytest.raises(RunDirError, match="different config"):
+        run_experiment(str(third), progress=False)

@@ -6,6 +6,7 @@ File format (every key but `defenses` optional)::
 
     name: smoke
     out: runs/smoke                 # where every cell's run directories go
+    align_out: runs/other           # optional: where the aligned models go (default: out)
     model: tiny-llama               # shared by every stage
     data: starter                   # data suite, and data_dir, shared by every stage
     seeds: [42]
@@ -42,6 +43,11 @@ absolutely (min, max) or relative to the same defense and seed without attack (m
 higher-is-better, max_rise for lower-is-better); the report's worst-case table then gives, per
 defense, the attack cell with the highest metric among those within the bound (the
 attacker-side search over whatever the attacks sweep: lr, steps, rank, ...).
+
+Shared alignment: ``align_out: DIR`` puts the align runs in DIR/DEFENSE/sSEED/align instead of
+under ``out``. Two experiments with the same align settings and the same ``align_out`` align
+each defense once: the second reuses the first's finished models (and resumes its unfinished
+ones); an align run with different settings in that folder is refused, as for any run directory.
 
 Cells: for every defense and seed, the defended model is evaluated as is (attack "none") and
 after every attack. Each stage's run directory is reused when complete and resumes when it was
@@ -88,6 +94,7 @@ class Cell:
     # chains: the earlier rounds, as (run directory name, AttackConfig values), in order
     rounds: list = field(default_factory=list)
     chain: Optional[list] = None  # labels of every round, the last included
+    align_out: Optional[str] = None  # the experiment's align_out (None: the align run goes under out)
 
     @property
     def key(self) -> str:
@@ -169,7 +176,7 @@ def describe(spec: dict, cells: list, only: Optional[str] = None) -> str:
 
 def expand(spec: dict) -> list[Cell]:
     """The grid as a list of cells; raises ConfigError for unknown names or an empty grid."""
-    known = {"name", "out", "seeds", "align", "defenses", "attack", "attacks", "attack_suite",
+    known = {"name", "out", "align_out", "seeds", "align", "defenses", "attack", "attacks", "attack_suite",
              "evaluate", "worst_case", *_SHARED}
     unknown = set(spec) - known
     if unknown:
@@ -195,7 +202,8 @@ def expand(spec: dict) -> list[Cell]:
         pipeline.align_config(align)  # validate now, not halfway through the grid
         evaluate = {**shared, **(spec.get("evaluate") or {})}
         pipeline.eval_config({**evaluate, "model": "placeholder"})  # validate
-        cells.append(Cell(label, "none", seed, align, None, evaluate))
+        align_out = spec.get("align_out")
+        cells.append(Cell(label, "none", seed, align, None, evaluate, align_out=align_out))
         for alabel, (avalues, sweep, chain) in entries.items():
             rounds = []
             if chain:
@@ -210,7 +218,7 @@ def expand(spec: dict) -> list[Cell]:
                 _validate_attack(values, where)
                 name = alabel + "".join(f"-{k}={v}" for k, v in point.items())
                 cells.append(Cell(label, name, seed, align, values, evaluate, sweep=point,
-                                  rounds=rounds, chain=chain))
+                                  rounds=rounds, chain=chain, align_out=align_out))
     return cells
 
 
@@ -391,7 +399,8 @@ def run_parallel(selected: list, out: Path, gpus: list[str], runner=None, total:
 
 def run_cell(cell: Cell, out: Path, progress: bool) -> dict:
     base = out / _slug(cell.defense) / f"s{cell.seed}"
-    align_dir = pipeline.align(cell.align, base / "align", progress=progress)
+    align_base = Path(cell.align_out) / _slug(cell.defense) / f"s{cell.seed}" if cell.align_out else base
+    align_dir = pipeline.align(cell.align, align_base / "align", progress=progress)
     model_dir = align_dir
     attack_cfg = None
     for dirname, values in cell.rounds:  # a chain's earlier rounds, each on the previous output
