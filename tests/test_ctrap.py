@@ -233,3 +233,214 @@ def test_simulated_step_takes_effect_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses.append(d.accumulate(_batches(tok), scale=1.0)["collapse_loss"])
     assert losses[0] != losses[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# trap_steps = K (a deviation from the paper, off by default): the collapse term is the mean over
+# K simulated normalized harmful steps θ_1..θ_K, the harmful gradient recomputed at each θ_k
+# ---------------------------------------------------------------------------------------------
+
+def _fwd(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True):
+    """The passes of K simulated steps written out: returns the collapse gradients and losses at
+    θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end."""
+    theta = [p.detach().clone() for p in params]
+    relabelled = torch.where(trap["labels"] != -100, e, -100)
+    g_c, collapse, harmful = [], [], []
+    for _ in range(K):
+        loss_h = token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"])
+        harmful.append(float(loss_h))
+        g_h = _grads(model, params, loss_h)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+        with torch.no_grad():
+            for p, g in zip(params, g_h):
+                p.sub_(alpha * g / (norm + 1e-7) if normalize else alpha * g)
+        loss_c = token_ce(_fwd(model, trap), relabelled)
+        collapse.append(float(loss_c))
+        g_c.append(_grads(model, params, loss_c))
+    with torch.no_grad():
+        for p, q in zip(params, theta):
+            p.copy_(q)
+    return g_c, collapse, harmful
+
+
+def test_trap_steps_1_is_the_official_step_bit_for_bit():
+    """trap_steps=1 runs the pre-option code's operations in its order: the reference below is
+    that code written out with the defense's own helpers, compared with torch.equal."""
+    model, tok = _model()
+    b = _batches(tok)
+    d = _defense(model, tok, alpha=0.3, lambda_collapse=0.2, trap_steps=1)
+    logs = d.accumulate(b, scale=0.5)
+    got = [p.grad.clone() for p in d.params]
+    for p in d.params:
+        p.grad = None
+    ref = _defense(model, tok, alpha=0.3, lambda_collapse=0.2)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    loss_h = ref.lm_loss(b["harmful"])
+    direction, step = ref.simulated_step(ref.grads(loss_h))
+    with ref.moved(direction, step, release=True):
+        loss_c = ref.collapse(*ref.answer_logits(retain))
+        ref.backward(loss_c, 0.5 * 0.2)
+    loss_a = token_ce(*ref.answer_logits(retain))
+    ref.backward(loss_a, 0.5)
+    assert all(torch.equal(x, p.grad) for x, p in zip(got, ref.params))
+    assert list(logs) == ["harmful_loss", "collapse_loss", "align_loss", "collapse_loss_at_theta"]
+    assert (logs["harmful_loss"], logs["collapse_loss"], logs["align_loss"]) == (
+        loss_h.item(), loss_c.item(), loss_a.item())
+    assert d.passes_per_step == 3
+
+
+@pytest.mark.parametrize("lora,normalize,collapse_data", [(True, True, "retain"), (False, True, "retain"),
+                                                          (True, False, "general")])
+def test_two_trap_steps_gradient_matches_the_passes_by_hand(lora, normalize, collapse_data):
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha, lam, scale = (0.5, 0.3, 0.5) if normalize else (0.05, 0.3, 0.5)
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, normalize=normalize,
+                 collapse_data=collapse_data, trap_steps=2)
+    assert d.passes_per_step == 5
+    params = d.params
+    before = [p.detach().clone() for p in params]
+    logs = d.accumulate(b, scale=scale)
+    got = [p.grad.clone() for p in params]
+    # every parameter is bit-identical after the two moves and the restore
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    trap = retain if collapse_data == "retain" else b["general"]
+    g_c, collapse, harmful = _trajectory_by_hand(model, params, b, trap, d.token, alpha, 2, normalize)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [scale * (a + lam * (c1 + c2) / 2) for a, c1, c2 in zip(g_a, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    assert logs["harmful_loss"] == pytest.approx(harmful[0], rel=1e-5)
+    assert logs["harmful_loss_step1"] == pytest.approx(harmful[1], rel=1e-5)  # at θ_1
+    assert logs["collapse_loss_step1"] == pytest.approx(collapse[0], rel=1e-5)
+    assert logs["collapse_loss_step2"] == pytest.approx(collapse[1], rel=1e-5)
+    assert logs["collapse_loss"] == pytest.approx((collapse[0] + collapse[1]) / 2, rel=1e-5)
+    assert "collapse_loss_step3" not in logs and "harmful_loss_step2" not in logs
+    # the second point is a real second step: its collapse gradient differs from the first's,
+    # so the K=2 gradient is not K=1's
+    c1 = torch.cat([g.flatten() for g in g_c[0]])
+    c2 = torch.cat([g.flatten() for g in g_c[1]])
+    assert (c1 - c2).norm() > 1e-2 * c1.norm()
+
+
+def test_trap_steps_restore_parameters_exactly_and_free_each_direction():
+    """K=3 on full weights: θ is bit-identical afterwards, and at every forward pass no direction
+    of an earlier move is alive (each is freed once applied, as for K=1)."""
+    import gc
+    import weakref
+
+    model, tok = _model(lora=False)
+    d = _defense(model, tok, alpha=0.5, trap_steps=3)
+    before = [p.detach().clone() for p in d.params]
+    refs, alive, made = [], [], []
+    original = d.simulated_step
+
+    def recording(g_h):
+        direction, step = original(g_h)
+        refs.extend(weakref.ref(t) for t in direction)
+        made.append(len(direction))
+        return direction, step
+
+    def hook(module, args, kwargs):
+        gc.collect()
+        alive.append(any(r() is not None for r in refs))
+
+    d.simulated_step = recording
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        logs = d.accumulate(_batches(tok), scale=1.0)
+    finally:
+        handle.remove()
+    assert made == [len(d.params)] * 3  # g at θ, θ_1, θ_2
+    # harmful θ, collapse θ_1, harmful θ_1, collapse θ_2, harmful θ_2, collapse θ_3, align θ
+    assert alive == [False] * 7
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert [f"collapse_loss_step{k}" in logs for k in (1, 2, 3)] == [True] * 3
+
+
+def test_trap_steps_all_reduce_every_harmful_gradient(monkeypatch):
+    """With several processes each g_k must be the global-batch gradient, as g_h is for K=1:
+    every harmful gradient goes through average_across_processes."""
+    import inoculate.defenses.base as base
+
+    calls = []
+    monkeypatch.setattr(base, "average_across_processes", lambda ts: calls.append(len(ts)))
+    for K in (1, 3):
+        calls.clear()
+        model, tok = _model()
+        d = _defense(model, tok, trap_steps=K)
+        d.accumulate(_batches(tok), scale=1.0)
+        assert calls == [len(d.params)] * K
+
+
+def test_trap_steps_amortized_mode_caches_the_mean_over_the_points():
+    model, tok = _model()
+    b = _batches(tok)
+    lam, alpha = 0.5, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, trap_every=2, trap_steps=2)
+    assert d.passes_per_step == 3  # 1 + 2K/k
+    d.accumulate(b, scale=1.0)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_c, _, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, 2)
+    for x, c1, c2 in zip(d.cached_trap, *g_c):
+        torch.testing.assert_close(x, (c1 + c2) / 2, rtol=1e-4, atol=1e-8)
+    cached = [g.clone() for g in d.cached_trap]
+    for p in d.params:
+        p.grad = None
+    logs = d.accumulate(b, scale=1.0)  # second micro-step: the cache is reused, no trap passes
+    assert not any(k.startswith(("collapse_loss_step", "harmful_loss")) for k in logs)
+    assert "collapse_loss" not in logs
+    g_a = _grads(model, d.params, d.lm_loss(retain))
+    for p, a, c in zip(d.params, g_a, cached):
+        torch.testing.assert_close(p.grad, a + lam * c, rtol=1e-5, atol=1e-8)
+
+
+def test_trap_steps_each_move_takes_effect_under_bf16_autocast():
+    """Autocast's cached bf16 weights must be dropped after every in-place move, or the passes at
+    θ_2 would run at θ_1 (and give exactly the same losses)."""
+    model, tok = _model()
+    d = _defense(model, tok, alpha=1.0, trap_steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logs = d.accumulate(_batches(tok), scale=1.0)
+    assert logs["collapse_loss_step1"] != logs["collapse_loss_step2"]
+    assert logs["harmful_loss_step1"] != logs["harmful_loss"]
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_bad_trap_steps_is_rejected(value):
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trap_steps"):
+        CTRAPConfig(trap_steps=value)
+
+
+def test_trap_steps_with_second_order_is_refused():
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="second_order and trap_steps"):
+        CTRAPConfig(second_order=True, trap_steps=2)
+    CTRAPConfig(second_order=True, trap_steps=1)  # the default K is fine
+
+
+def test_trap_steps_from_the_command_line_and_old_config_hashes():
+    """`ctrap.trap_steps` is typed from strings and rejected when bad; at its default it stays out
+    of the resolved config, so CTRAP runs made before the option keep their config hash."""
+    from dataclasses import fields
+
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
+    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps"}
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
+    assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
+    with pytest.raises(ConfigError, match="trap_steps"):
+        pipeline.align_config({**values, "ctrap.trap_steps": "0"})

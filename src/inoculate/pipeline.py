@@ -144,6 +144,17 @@ def _resolved(stage: str, cfg) -> dict:
     return {"stage": stage, **values}
 
 
+def _resolved_section(dcfg) -> dict:
+    """A defense's section of the resolved config. The same rule as _LATER_FIELDS, declared by
+    the defense config itself (class attribute `later_fields`): at their defaults those fields
+    are left out, so earlier runs of that defense keep their config hash."""
+    values = asdict(dcfg)
+    for f in fields(dcfg):
+        if f.name in getattr(dcfg, "later_fields", ()) and values[f.name] == f.default:
+            del values[f.name]
+    return values
+
+
 @dataclass
 class EvalConfig(DataFields, ModelFields):
     """`inoculate evaluate`: harmful score, collapse and task accuracy of a model."""
@@ -174,7 +185,7 @@ def align_config(values: dict) -> tuple[AlignConfig, object, dict]:
                                      set(DEFENSES.names()))
     cfg = build(AlignConfig, main, "align")
     dcfg = build(defense_cls.config_class, section, f"defense {defense_name}")
-    resolved = {**_resolved("align", cfg), defense_name: asdict(dcfg)}
+    resolved = {**_resolved("align", cfg), defense_name: _resolved_section(dcfg)}
     return cfg, dcfg, resolved
 
 

@@ -20,13 +20,24 @@ to the eager implementation because fused SDPA kernels have no double backward);
 `trap_every=k` refreshes the trap gradient g_c every k steps and reuses it in between
 (amortized mode: on average 1 + 2/k passes per step instead of 3).
 
+Deviation from the paper and the official code (off by default): `trap_steps=K > 1` simulates K
+normalized harmful steps on the same harmful batch, the harmful gradient recomputed at each point,
+  θ_1 = θ − α·g_h(θ)/‖g_h(θ)‖,   θ_{k+1} = θ_k − α·g_h(θ_k)/‖g_h(θ_k)‖,
+and the collapse term is the mean (1/K)·Σ_k ℓ_collapse(θ_k), each gradient taken at θ_k and applied
+at θ (first order, as for K=1). It asks the trap to hold along the attacker's trajectory, not only
+one step from θ: on SmolLM2 one real SGD step landed in the collapse and the next left it
+(docs/methods/ctrap-smollm2.md). All moves happen inside one `moved` context (one saved copy of
+θ, restored bit-exactly at the end); each direction is freed once applied. K = 1 is the code
+above, operation for operation.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
-through the harmful gradient, about 2x that pass).
+through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); amortized, 1 + 2K/k on average.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +45,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id
-from .base import Defense, DefenseConfig, StreamSpec, global_norm, register_defense, token_ce
+from .base import Defense, DefenseConfig, StreamSpec, _shift, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
@@ -55,6 +66,15 @@ class CTRAPConfig(DefenseConfig):
     trap_every: int = doc(1, "refresh the trap gradient every k steps and reuse it in between (amortized mode; 1 = every step)")
     collapse_data: str = doc("retain", "batch the collapse term is taken on: retain (alignment + general, the official code) "
                                        "| general (general only, the paper's formula ℓ_collapse(θ'; D_general))")
+    trap_steps: int = doc(1, "K, DEVIATION from the paper/official code (1 = theirs): simulate K normalized "
+                             "harmful steps θ_k (harmful gradient recomputed at each θ_k, same batch) and take "
+                             "the collapse term as the mean over θ_1..θ_K (first order), so that the trap "
+                             "holds for several attack steps; costs 2K+1 passes per step instead of 3; "
+                             "not with second_order")
+
+    #: fields added after run directories existed: left out of the resolved config (and so of
+    #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
+    later_fields: ClassVar[tuple] = ("trap_steps",)
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -65,6 +85,11 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.collapse_data must be one of {COLLAPSE_DATA}, got {self.collapse_data!r}")
         if self.second_order and self.trap_every != 1:
             raise ConfigError("ctrap.second_order and trap_every > 1 do not combine")
+        if isinstance(self.trap_steps, bool) or not isinstance(self.trap_steps, int) or self.trap_steps < 1:
+            raise ConfigError(f"ctrap.trap_steps must be an integer >= 1, got {self.trap_steps!r}")
+        if self.second_order and self.trap_steps != 1:
+            raise ConfigError("ctrap.second_order and trap_steps > 1 do not combine (the exact gradient "
+                              "through K simulated steps is not implemented; use the first-order default)")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -99,7 +124,9 @@ class CTRAP(Defense):
     def __init__(self, config: CTRAPConfig, batch_size: int):
         super().__init__(config, batch_size)
         if config.trap_every > 1:
-            self.passes_per_step = 1 + 2 / config.trap_every  # mean over k micro-steps
+            self.passes_per_step = 1 + 2 * config.trap_steps / config.trap_every  # mean over k micro-steps
+        elif config.trap_steps > 1:
+            self.passes_per_step = 1 + 2 * config.trap_steps
 
     def streams(self):
         c = self.config
@@ -145,13 +172,9 @@ class CTRAP(Defense):
             direction, step = self.simulated_step(self.grads(loss_h))
             self.cached_trap = None  # the old cache goes before the new one is built
             # Steps 2-3: collapse gradient at θ' (the direction is freed once applied), then exact restore
-            with self.moved(direction, step, release=True):
-                loss_c = self.collapse(*self.answer_logits(trap_batch))
-                if c.trap_every == 1:
-                    self.backward(loss_c, scale * c.lambda_collapse)
-                else:
-                    self.cached_trap = [g.detach() for g in self.grads(loss_c)]
-            logs.update(harmful_loss=loss_h.item(), collapse_loss=loss_c.item())
+            logs["harmful_loss"] = loss_h.item()
+            del loss_h
+            logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale))
         if c.trap_every > 1 and not c.second_order:
             self.add_to_grad(self.cached_trap, scale * c.lambda_collapse)
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
@@ -164,6 +187,54 @@ class CTRAP(Defense):
         with torch.no_grad():
             logs["collapse_loss_at_theta"] = self.collapse(logits.detach(), labels).item()
         return logs
+
+    def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale) -> dict:
+        """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
+
+        Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
+        from θ_k, and θ is restored bit-exactly from the one saved copy at the end. Each collapse
+        gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
+        (amortized mode) into the cache as the mean over the K points."""
+        c = self.config
+        K = c.trap_steps
+        collapse_losses, harmful_losses = [], []
+        with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
+            for k in range(1, K + 1):
+                if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the same harmful batch
+                    loss_h = self.lm_loss(harmful)
+                    harmful_losses.append(loss_h.item())
+                    direction, step = self.simulated_step(self.grads(loss_h))  # all-reduced like g_h
+                    del loss_h
+                    self._step_further(direction, step)
+                loss_c = self.collapse(*self.answer_logits(trap_batch))
+                collapse_losses.append(loss_c.item())
+                if c.trap_every == 1:
+                    self.backward(loss_c, scale * c.lambda_collapse / K)
+                else:
+                    g_c = self.grads(loss_c)
+                    if self.cached_trap is None:
+                        self.cached_trap = [g.detach() for g in g_c]
+                    else:
+                        for acc, g in zip(self.cached_trap, g_c):
+                            acc.add_(g.detach())
+                    del g_c
+                del loss_c
+        if K > 1 and self.cached_trap is not None:
+            for acc in self.cached_trap:
+                acc.div_(K)
+        logs = {"collapse_loss": sum(collapse_losses) / K}
+        if K > 1:
+            logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
+            logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
+        return logs
+
+    def _step_further(self, direction: list, step: float) -> None:
+        """θ += step·direction in place inside an active `moved` (which restores θ at its end);
+        empties `direction` so its tensors are freed before the next pass, and drops autocast's
+        cached low-precision weights, which would otherwise still be those of the previous point."""
+        _shift(self.params, direction, step)
+        direction.clear()
+        torch.clear_autocast_cache()
 
     def _trap_second_order(self, harmful, trap_batch, scale):
         """λ·∇_θ ℓ_collapse(θ'(θ)) with θ'(θ) = θ − α·ĝ_h(θ), differentiated exactly."""
