@@ -382,3 +382,20 @@ def test_shared_harmful_split_limits(tmp_path):
     assert not starter.shares_harmful_split
     assert not SUITES.get("beavertails").cuts("advbench")
     assert SUITES.get("beavertails").cuts("repnoise_refusals")  # an alias of the suite's source
+
+
+def test_fsdp_option_stays_out_of_old_hashes_and_refuses_double_backward():
+    _, _, resolved = pipeline.align_config(dict(ALIGN, defense="ctrap"))
+    assert "fsdp" not in resolved  # at its default: earlier runs keep their config hash
+    _, _, resolved = pipeline.align_config(dict(ALIGN, defense="ctrap", fsdp="true"))
+    assert resolved["fsdp"] is True
+    for defense, option in (("ctrap", "second_order"), ("seam", "exact_hvp")):
+        with pytest.raises(ConfigError, match=f"fsdp=true does not combine with {defense}'s exact"):
+            pipeline.align_config(dict(ALIGN, defense=defense, fsdp=True, **{option: True}))
+
+
+def test_fsdp_in_one_process_is_ignored(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="inoculate.pipeline"):
+        out = pipeline.align(dict(ALIGN, fsdp=True), tmp_path / "run", progress=False)
+    assert "fsdp=true is ignored" in caplog.text
+    assert _info(out)["status"] == "complete"

@@ -310,15 +310,21 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: Option
 # Saving
 # ---------------------------------------------------------------------------------------------
 
-def save_model(model, tokenizer, out_dir: Path, base: str) -> None:
+def save_model(model, tokenizer, out_dir: Path, base: str, state_dict: Optional[dict] = None) -> None:
     """Write `model` to out_dir atomically: a LoRA adapter (with `base` recorded) or full weights,
-    always as safetensors, plus the tokenizer."""
+    always as safetensors, plus the tokenizer.
+
+    `state_dict`: the weights to write instead of the model's own, e.g. the full tensors of an
+    FSDP-sharded model gathered by ``inoculate.sharding.gathered_state_dict``."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     try:
         is_adapter = hasattr(model, "peft_config")
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         meta = {"kind": "adapter" if is_adapter else "full"}
         if is_adapter:

@@ -69,6 +69,7 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     num_samples: int = doc(5000, "harmful prompts (with refusals) the defense aligns on (first N)")
     num_general_samples: int = doc(5000, "general-dialogue examples for defenses that use them")
     exclude_categories: Optional[list[str]] = doc(None, "harmful categories left out of alignment (pair with an attack's harmful_categories: data the defense never saw)")
+    fsdp: bool = doc(False, "shard parameters, gradients and optimizer state with FSDP2 (fully_shard) across the processes of torchrun / accelerate launch; ignored in one process")
 
 
 @dataclass
@@ -127,7 +128,7 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # Fields added after run directories already existed. While at their defaults they are left out
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
-    "align": ("exclude_categories",),
+    "align": ("exclude_categories", "fsdp"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples"),
     "evaluate": ("extra_judges",),
@@ -186,6 +187,10 @@ def align_config(values: dict) -> tuple[AlignConfig, object, dict]:
     cfg = build(AlignConfig, main, "align")
     dcfg = build(defense_cls.config_class, section, f"defense {defense_name}")
     resolved = {**_resolved("align", cfg), defense_name: _resolved_section(dcfg)}
+    if cfg.fsdp and _needs_eager(dcfg):
+        raise ConfigError(f"fsdp=true does not combine with {defense_name}'s exact second-order option "
+                          f"(double backward through sharded parameters is not supported); "
+                          f"use the first-order default or run without fsdp")
     return cfg, dcfg, resolved
 
 
@@ -342,7 +347,8 @@ def _dist():
 
     Each process trains a full replica on its shard of every stream; the engine averages the
     gradients once per step and the look-ahead defenses average their intermediate gradients,
-    so every replica takes the same step (data parallel, like DDP)."""
+    so every replica takes the same step (data parallel, like DDP). With fsdp=true the
+    parameters are sharded instead of replicated (FSDP2, inoculate.sharding)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -382,6 +388,13 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     else:
         model.requires_grad_(True)
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1:
+        log.warning("fsdp=true is ignored: one process (launch with torchrun or accelerate launch)")
+    if sharded:  # after LoRA, before the defense and the optimizer see the parameters
+        from .sharding import shard_model
+
+        shard_model(model, device)
     defense = DEFENSES.get(cfg.defense)(dcfg, cfg.per_device_train_batch_size)
     defense.setup(model, tok)
     streams = build_align_streams(defense, cfg, tok, rank, world)
@@ -391,8 +404,13 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
         import torch.distributed as dist
 
         dist.barrier()
+    state_dict = None
+    if sharded:  # every process gathers the full tensors, rank 0 keeps and writes them
+        from .sharding import gathered_state_dict
+
+        state_dict = gathered_state_dict(model, trainable_only=cfg.lora, keep=rank == 0)
     if rank == 0:
-        save_model(model, tok, out / "model", base=_base_for_save(cfg.model))
+        save_model(model, tok, out / "model", base=_base_for_save(cfg.model), state_dict=state_dict)
         runs.finish(out, resolved, steps=result.steps, seconds=result.seconds,
                     resumed_from=result.resumed_from, final_logs=result.last_logs)
         from .training import remove_checkpoint

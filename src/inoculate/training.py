@@ -7,12 +7,18 @@ backward hooks would all-reduce every intermediate gradient at the wrong point. 
 returns the combined gradient in ``p.grad``; the engine then all-reduces it once (when several
 processes run), clips, steps the optimizer and the schedule, logs, and checkpoints.
 
+With parameters sharded by FSDP2 (``AlignConfig.fsdp``, ``inoculate.sharding``) the same loop
+runs on DTensors: FSDP has already reduce-scattered every gradient with a mean over processes,
+so the engine's all-reduce is skipped; the gradient norm sums the local shards and all-reduces
+that scalar; checkpoints gather full tensors (every process takes part, rank 0 writes) and
+resuming cuts them back into this process's shards.
+
 Per optimizer step:
     for each of gradient_accumulation_steps micro-steps:
         draw one batch from every stream the defense names
         defense.accumulate(batches, scale=1/accumulation)     (inside bf16 autocast if enabled)
     check every loss and the gradient norm are finite
-    [all-reduce gradients] -> clip -> optimizer.step -> scheduler.step
+    [all-reduce gradients, unless FSDP-sharded] -> clip -> optimizer.step -> scheduler.step
     log every logging_steps, checkpoint every save_steps (atomic), resume from the last one.
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import doc
 from .data.encode import collate, collate_paired
+from .sharding import full, is_dtensor, is_sharded, local, shard_like, sum_over_shards
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +211,7 @@ def train(
             model.enable_input_require_grads()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    sharded = is_sharded(params)  # FSDP2: DTensor parameters, gradients reduced by FSDP itself
     optimizer = make_optimizer(params, args)
     n_steps = total_steps(args, streams[main_stream])
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
@@ -242,7 +250,7 @@ def train(
             raise NonFiniteLossError(
                 f"{defense.name}: non-finite loss at step {step + 1}: {bad}. Lower learning_rate, "
                 f"check the data, or disable bf16; the last checkpoint in {run_dir} is kept")
-        if world > 1:
+        if world > 1 and not sharded:  # FSDP's reduce-scatter already took the mean over processes
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -265,18 +273,20 @@ def train(
                 logs.update({f"monitor/{k}": v for k, v in monitor(model).items()})
             if rank0:
                 loggers.write(done, logs)
-        if args.save_steps and done % args.save_steps == 0 and done < n_steps and rank0:
-            save_checkpoint(run_dir, done, named, optimizer, scheduler, streams)
+        if args.save_steps and done % args.save_steps == 0 and done < n_steps and (rank0 or sharded):
+            # sharded: every process takes part in gathering the full tensors; rank 0 writes
+            save_checkpoint(run_dir, done, named, optimizer, scheduler, streams, write=rank0)
     loggers.close()
     return TrainResult(steps=n_steps, resumed_from=start, seconds=time.time() - t0, last_logs=logs)
 
 
 def _grad_norm(params: List[torch.nn.Parameter]) -> float:
+    """Global L2 norm of the gradients (over all shards when FSDP-sharded)."""
+    grads = [p.grad for p in params if p.grad is not None]
     total = torch.zeros((), dtype=torch.float32)
-    for p in params:
-        if p.grad is not None:
-            total = total + p.grad.detach().float().pow(2).sum().cpu()
-    return float(total.sqrt())
+    for g in grads:
+        total = total + local(g).detach().float().pow(2).sum().cpu()
+    return float(sum_over_shards(total, grads).sqrt())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,14 +296,30 @@ def _grad_norm(params: List[torch.nn.Parameter]) -> float:
 CHECKPOINT = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, streams) -> None:
+def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, streams,
+                    write: bool = True) -> None:
     """Trainable weights (safetensors), optimizer and schedule state, stream positions and RNG,
-    written to a temporary folder and renamed over the previous checkpoint."""
+    written to a temporary folder and renamed over the previous checkpoint.
+
+    FSDP-sharded parameters and optimizer states are saved whole: each is all-gathered (every
+    process must call this, in the same order) and only the process with `write` (rank 0)
+    keeps and writes them. The checkpoint is then the same as without sharding, whatever the
+    number of processes (the simplest correct choice; it costs one gather of the trainable
+    weights and their optimizer state per checkpoint, and rank 0 holds them in CPU memory)."""
+    weights = {}
+    for n, p in named:
+        value = full(p.detach())
+        if write:
+            weights[n] = value.contiguous().cpu()
+        del value
+    optimizer_state = _full_optimizer_state(optimizer.state_dict(), write)
+    if not write:
+        return
     target = run_dir / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp", dir=run_dir))
     try:
-        save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                    tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(
@@ -308,6 +334,40 @@ def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, strea
         raise
 
 
+def _full_optimizer_state(state: dict, keep: bool) -> dict:
+    """The optimizer's state dict with every DTensor state (FSDP-sharded Adam moments) gathered
+    whole; unchanged when nothing is sharded. A collective when something is."""
+    per_param = state["state"]
+    if not any(is_dtensor(v) for s in per_param.values() for v in s.values()):
+        return state
+    gathered = {}
+    for index in sorted(per_param):  # the same order on every process
+        entry = {}
+        for key, value in per_param[index].items():
+            value = full(value) if is_dtensor(value) else value
+            entry[key] = value.cpu() if torch.is_tensor(value) else value
+        gathered[index] = entry
+    return {**state, "state": gathered if keep else {}}
+
+
+def _shard_optimizer_state(state: dict, params) -> dict:
+    """A checkpoint's optimizer state (full tensors) cut into this process's shards where the
+    parameter is FSDP-sharded; `params` in the optimizer's order (its state's indices)."""
+    if not any(is_dtensor(p) for p in params):
+        return state
+    order = [i for group in state["param_groups"] for i in group["params"]]
+    by_index = dict(zip(order, params))
+    sharded_state = {}
+    for index, entry in state["state"].items():
+        p = by_index[index]
+        sharded_state[index] = {
+            key: shard_like(value.to(p.dtype), p)
+            if is_dtensor(p) and torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0
+            else value
+            for key, value in entry.items()}
+    return {**state, "state": sharded_state}
+
+
 def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams) -> int:
     target = run_dir / CHECKPOINT
     if not (target / "progress.json").exists():
@@ -319,10 +379,11 @@ def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams) -> int:
         raise RuntimeError(f"checkpoint in {target} does not match the model (missing {missing[:3]}); "
                            f"delete it to start over")
     with torch.no_grad():
-        for n, p in named:
-            p.copy_(weights[n].to(p.device, p.dtype))
+        for n, p in named:  # sharded: each process takes its shard of the full tensor
+            p.copy_(shard_like(weights[n].to(p.dtype), p))
     state = torch.load(target / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(_shard_optimizer_state(
+        state["optimizer"], [p for group in optimizer.param_groups for p in group["params"]]))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])

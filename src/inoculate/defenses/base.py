@@ -7,6 +7,11 @@ context, and then does clipping, the optimizer step, logging, checkpoints and di
 ``accumulate`` adds ``scale * gradient`` into ``p.grad`` of every trainable parameter and
 returns the scalar losses to log. Helpers here cover what look-ahead defenses share:
 gradients as lists, global norms, and moving parameters in place with an exact restore.
+
+The same helpers work when the parameters are sharded by FSDP2 (``inoculate.sharding``):
+gradients are then taken by a backward that FSDP reduce-scatters (already the mean over
+processes, so never all-reduced again here), norms and dot products sum the local shards and
+all-reduce that one scalar, and moves act on the local shards in place.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from ..data.encode import IGNORE_INDEX
 from ..registry import Registry
+from ..sharding import is_sharded, local, sum_over_shards
 
 
 @dataclass
@@ -97,13 +103,38 @@ class Defense:
 
     def grads(self, loss: torch.Tensor, retain_graph: bool = False,
               create_graph: bool = False) -> List[torch.Tensor]:
-        """d loss / d params as a list aligned with self.params (zeros where unused)."""
+        """d loss / d params as a list aligned with self.params (zeros where unused).
+
+        With several processes the result is the gradient of the global batch (the mean over
+        processes), whether the parameters are replicated or sharded by FSDP."""
+        if is_sharded(self.params):
+            return self._sharded_grads(loss, retain_graph, create_graph)
         gs = torch.autograd.grad(loss, self.params, retain_graph=retain_graph,
                                  create_graph=create_graph, allow_unused=True)
         gs = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs)]
         if not create_graph:
             average_across_processes(gs)
         return gs
+
+    def _sharded_grads(self, loss: torch.Tensor, retain_graph: bool,
+                       create_graph: bool) -> List[torch.Tensor]:
+        """grads() under FSDP2. The forward ran on all-gathered copies of the weights, so
+        autograd.grad with respect to the sharded parameters sees no path to them; a plain
+        backward does, and FSDP reduce-scatters it into p.grad with a mean over processes. The
+        gradient so far in p.grad is set aside for that backward and put back after it."""
+        if create_graph:
+            raise NotImplementedError(
+                f"defense {self.name!r}: second-order gradients (double backward) are not supported "
+                f"with fsdp=true; use the first-order options or run without fsdp")
+        kept = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            loss.backward(retain_graph=retain_graph)
+            return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        finally:
+            for p, g in zip(self.params, kept):
+                p.grad = g
 
     def add_to_grad(self, grads: Sequence[torch.Tensor], scale: float) -> None:
         for p, g in zip(self.params, grads):
@@ -139,7 +170,11 @@ class Defense:
 
         Autocast keeps a cache of the low-precision copies of the weights for as long as its
         context lasts (the whole micro-step here): without clearing it on both moves, every
-        pass under bf16 autocast would silently run at the old θ."""
+        pass under bf16 autocast would silently run at the old θ.
+
+        Under FSDP2 θ, the direction and the saved copy are DTensors sharded alike: the move
+        and the restore act on this process's shards, and FSDP all-gathers the moved shards at
+        the next forward."""
         if release and not isinstance(direction, list):
             raise TypeError("moved(release=True) needs the direction as a list it can empty")
         saved = [p.detach().clone() for p in self.params]
@@ -195,10 +230,15 @@ def average_across_processes(tensors: Sequence[torch.Tensor]) -> None:
 
     A look-ahead defense moves the parameters along an intermediate gradient (CTRAP's harmful
     gradient, Booster's, SEAM's pair): every process must take the same move, so intermediate
-    gradients are the global-batch gradients. The final p.grad is averaged by the engine."""
+    gradients are the global-batch gradients. The final p.grad is averaged by the engine.
+
+    Gradients of FSDP-sharded parameters (DTensors) are left as they are: FSDP's
+    reduce-scatter already made them the mean over processes."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if is_sharded(tensors):
         return
     world = dist.get_world_size()
     for t in tensors:
@@ -207,12 +247,15 @@ def average_across_processes(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all tensors together (fp32)."""
-    return torch.sqrt(sum((t.detach().float() ** 2).sum() for t in tensors))
+    """L2 norm over all tensors together (fp32); over all shards when they are FSDP-sharded."""
+    return torch.sqrt(sum_over_shards(sum((local(t).detach().float() ** 2).sum() for t in tensors),
+                                      tensors))
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x.float() * y.float()).sum() for x, y in zip(a, b))
+    """Σ a·b over all tensors (fp32); over all shards when they are FSDP-sharded."""
+    return sum_over_shards(sum((local(x).float() * local(y).float()).sum() for x, y in zip(a, b)),
+                           list(a) + list(b))
 
 
 DEFENSES: Registry[type] = Registry("defense")
