@@ -1,10 +1,12 @@
-"""benchmarks/step_cost.py on the tiny model: the amortized and equal-batch rows exist and carry
-what they claim (no timing is asserted; the ratios are only checked to be measured)."""
+"""benchmarks/step_cost.py and eval_throughput.py on the tiny model: the rows exist and carry what
+they claim (no timing is asserted; the ratios are only checked to be measured)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +25,21 @@ def test_step_cost_amortized_and_equal_batch_rows():
     for row in (every, amortized):
         assert row["equal_batch_sft"] == "align:4,general:4"
         assert row["time_ratio_vs_sft_equal_batch"] > 0 and row["memory_ratio_vs_sft_equal_batch"] > 0
+
+
+def test_eval_throughput_rows():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_throughput.py"), "--model", "tiny-llama",
+                          "--prompts", "5", "--batch-size", "2", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    rows = {r["mode"]: r for r in map(json.loads, out.splitlines())}
+    assert set(rows) == {"batched", "one_at_a_time"}
+    batched, loop = rows["batched"], rows["one_at_a_time"]
+    keys = {"prompts_per_second", "seconds", "n_prompts", "batch_size", "device"}
+    assert keys <= set(batched) and keys <= set(loop)
+    assert batched["n_prompts"] == loop["n_prompts"] == 5
+    assert (batched["batch_size"], loop["batch_size"]) == (2, 1)
+    assert batched["judge"] == loop["judge"] == "keyword"
+    assert batched["speedup_vs_one_at_a_time"] == pytest.approx(
+        batched["prompts_per_second"] / loop["prompts_per_second"])
+    assert 0 <= batched["identical_answers"] <= 5
