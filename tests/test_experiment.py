@@ -1,9 +1,10 @@
 """Experiment grids (experiment.py) and reports (report.py): expansion into cells, bad files,
-a small grid on the tiny model that is killed midway and rerun, reuse of finished stages, and
-the report's tables and plots."""
+a small grid on the tiny model that is killed midway and rerun, reuse of finished stages, the
+report's tables and plots, and grids run as submitit jobs (--cluster)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,133 @@ def test_align_out_shares_the_aligned_models_between_experiments(tmp_path):
                                      "align": {**base["align"], "max_steps": 2}}))
     with pytest.raises(RunDirError, match="different config"):
         run_experiment(str(third), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A cluster (--cluster): one submitit job per (defense, seed) group, with a stand-in cell runner
+# ---------------------------------------------------------------------------------------------
+
+def fake_runner(cell, out, progress):
+    """Stand-in for run_cell: appends the cell's key to OUT/ran.txt; ctrap/s1/boom fails."""
+    with open(Path(out) / "ran.txt", "a") as f:
+        f.write(cell.key + "\n")
+    if cell.key == "ctrap/s1/boom":
+        raise ConfigError("cell failed on purpose")
+    return {"defense": cell.defense, "attack": cell.attack, "seed": cell.seed, "pid": os.getpid(),
+            "harmful_score": 0.0}
+
+
+def _cluster_grid(tmp_path, attacks, seeds=(1, 2), **extra) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "model": "tiny-llama", "data": "starter",
+                                    "seeds": list(seeds), "defenses": {"sft": {}, "ctrap": {}},
+                                    "attacks": attacks, **extra}, sort_keys=False))
+    return path
+
+
+def _keys(rows) -> list:
+    return [f"{r['defense']}/s{r['seed']}/{r['attack']}" for r in rows]
+
+
+def test_cluster_debug_runs_one_job_per_group_and_writes_rows_in_grid_order(tmp_path):
+    path = _cluster_grid(tmp_path, {"harmful": {}, "benign": {}},
+                         cluster={"slurm_partition": "gpu", "timeout_min": 30, "mem_gb": 8})
+    out = run_experiment(str(path), cluster="debug", runner=fake_runner)
+    grid = [c.key for c in expand(load_experiment(str(path)))]
+    assert len(grid) == 2 * 2 * 3
+    assert _keys(read_results(out)) == grid
+    assert (out / "ran.txt").read_text().split() == grid, "groups run whole, cells in order"
+    assert len(list((out / "submitit").glob("*_log.out"))) == 4, "one job per (defense, seed)"
+
+
+def test_cluster_failing_group_keeps_the_others_and_raises_its_error(tmp_path):
+    path = _cluster_grid(tmp_path, {"harmful": {}, "boom": {"attack": "harmful"}, "benign": {}})
+    with pytest.raises(ConfigError, match="cell failed on purpose"):
+        run_experiment(str(path), cluster="debug", runner=fake_runner)
+    grid = [c.key for c in expand(load_experiment(str(path)))]
+    ran = (tmp_path / "out/ran.txt").read_text().split()
+    assert ran == [k for k in grid if k != "ctrap/s1/benign"], "the failure ends its own group only"
+    assert _keys(read_results(tmp_path / "out")) == [k for k in grid if k not in ("ctrap/s1/boom",
+                                                                                  "ctrap/s1/benign")]
+
+
+def test_a_group_whose_job_died_loses_only_its_rows(tmp_path):
+    """A job that ends without a result (killed, out of time) counts as its group's error; the
+    rows of the groups that finish (here last group first) are written in grid order."""
+    from concurrent.futures import Future
+
+    from inoculate.experiment import _run_group, run_groups
+
+    cells = expand({"model": "tiny-llama", "data": "starter", "defenses": ["sft", "ctrap", "vaccine"],
+                    "attacks": ["harmful"]})
+
+    def submit(group):
+        future = Future()
+        if group[0].defense == "sft":
+            future.set_exception(RuntimeError("job 12 has not produced any output (state: TIMEOUT)"))
+        else:
+            future.set_result(_run_group(group, tmp_path, fake_runner))
+        return future
+
+    with pytest.raises(RuntimeError, match="TIMEOUT"):
+        run_groups(list(enumerate(cells)), tmp_path, submit, reversed)
+    assert _keys(read_results(tmp_path)) == ["ctrap/s42/none", "ctrap/s42/harmful",
+                                             "vaccine/s42/none", "vaccine/s42/harmful"]
+
+
+def test_ctrl_c_cancels_the_submitted_jobs(tmp_path, monkeypatch):
+    import submitit
+
+    def interrupted(jobs, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    cancelled = []
+    monkeypatch.setattr(submitit.helpers, "as_completed", interrupted)
+    monkeypatch.setattr(submitit.DebugJob, "cancel", lambda job, check=True: cancelled.append(job.job_id))
+    path = _cluster_grid(tmp_path, {"harmful": {}})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(str(path), cluster="debug", runner=fake_runner)
+    assert len(set(cancelled)) == 4 and not (tmp_path / "out/ran.txt").exists()
+
+
+@pytest.mark.parametrize("cluster, message", [
+    (["gpu"], r"experiment key `cluster` must be a mapping of submitit job parameters"),
+    ({"slurm_partiton": "gpu"}, r"experiment key `cluster`: .*'slurm_partiton'"),
+    ({"timeout_mins": 30}, r"experiment key `cluster`: .*'timeout_mins'"),
+    ({"timeout_min": "12h"}, r"experiment key `cluster`: .*timeout_min"),
+])
+def test_bad_cluster_parameters_are_a_config_error(tmp_path, cluster, message):
+    path = _cluster_grid(tmp_path, {"harmful": {}}, cluster=cluster)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(str(path), cluster="debug", runner=fake_runner)
+    assert not (tmp_path / "out/ran.txt").exists()
+
+
+def test_cluster_cli_errors(tmp_path, monkeypatch):
+    import sys
+
+    path = _cluster_grid(tmp_path, {"harmful": {}}, cluster=3)
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "experiment key `cluster` must be a mapping" in result.stderr
+    path = _cluster_grid(tmp_path, {"harmful": {}})
+    for args, message in ((["--cluster", "slurmm"], "--cluster must be one of slurm, local, debug"),
+                          (["--cluster", "debug", "--gpus", "0"], "--gpus and --cluster do not combine")):
+        result = CliRunner().invoke(main, ["run", str(path), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    result = CliRunner().invoke(main, ["run", str(path), "--cluster", "slurm"])
+    assert result.exit_code == 2 and "pip install 'inoculate[cluster]'" in result.stderr
+
+
+def test_cluster_local_runs_each_group_in_its_own_process(tmp_path, monkeypatch):
+    """submitit's LocalExecutor: every job is a new Python process that imports this module."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    path = _cluster_grid(tmp_path, {"harmful": {}}, seeds=[1])
+    out = run_experiment(str(path), cluster="local", runner=fake_runner)
+    rows = read_results(out)
+    assert _keys(rows) == ["sft/s1/none", "sft/s1/harmful", "ctrap/s1/none", "ctrap/s1/harmful"]
+    pids = {d: {r["pid"] for r in rows if r["defense"] == d} for d in ("sft", "ctrap")}
+    assert all(len(p) == 1 for p in pids.values()), "a group runs in one job"
+    assert len(pids["sft"] | pids["ctrap"] | {os.getpid()}) == 3, "each job is a process of its own"

@@ -58,6 +58,11 @@ Several GPUs: ``inoculate run EXP.yaml --gpus 0,1`` runs the cells of different 
 seed) groups concurrently, one worker process per GPU with CUDA_VISIBLE_DEVICES set to it; the
 cells of one group (they share the align run) stay in order in one worker. Without ``--gpus``
 cells run one after another in this process.
+
+A cluster: ``inoculate run EXP.yaml --cluster slurm`` submits one submitit job per (defense,
+seed) group instead (``local``: a local process per job; ``debug``: in this process), with the
+file's optional ``cluster:`` mapping (``{slurm_partition: gpu, timeout_min: 720, mem_gb: 64}``)
+as the jobs' parameters; logs go to OUT/submitit/. Needs ``pip install 'inoculate[cluster]'``.
 """
 from __future__ import annotations
 
@@ -177,10 +182,13 @@ def describe(spec: dict, cells: list, only: Optional[str] = None) -> str:
 def expand(spec: dict) -> list[Cell]:
     """The grid as a list of cells; raises ConfigError for unknown names or an empty grid."""
     known = {"name", "out", "align_out", "seeds", "align", "defenses", "attack", "attacks", "attack_suite",
-             "evaluate", "worst_case", *_SHARED}
+             "evaluate", "worst_case", "cluster", *_SHARED}
     unknown = set(spec) - known
     if unknown:
         raise ConfigError(f"unknown experiment key(s) {sorted(unknown)}; known: {sorted(known)}")
+    if not isinstance(spec.get("cluster") or {}, dict):
+        raise ConfigError(f"experiment key `cluster` must be a mapping of submitit job parameters "
+                          f"(e.g. {{slurm_partition: gpu, timeout_min: 720}}), got {spec['cluster']!r}")
     defenses = spec.get("defenses") or {}
     if isinstance(defenses, list):
         defenses = {d: {} for d in defenses}
@@ -298,22 +306,30 @@ def _slug(text: str) -> str:
 
 
 def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
-                   gpus: Optional[list[str]] = None, runner=None, data_dir: Optional[str] = None) -> Path:
+                   gpus: Optional[list[str]] = None, runner=None, data_dir: Optional[str] = None,
+                   cluster: Optional[str] = None) -> Path:
     """Run every cell (reusing finished stages) and write OUT/results.jsonl.
 
     gpus: run (defense, seed) groups concurrently, one worker process per GPU id (see
-    run_parallel); None runs the cells one after another here. runner: the function that runs
+    run_parallel). cluster: "slurm", "local" or "debug": one submitit job per group (see
+    run_cluster). Neither: the cells run one after another here. runner: the function that runs
     one cell (default run_cell; a module-level function when gpus are given). data_dir: read
     every source from this folder (replaces the file's data_dir)."""
     spec = load_experiment(path, data_dir=data_dir)
     cells = expand(spec)
+    if gpus is not None and cluster is not None:
+        raise ConfigError("--gpus and --cluster do not combine: with --cluster every job gets its GPU "
+                          "from the cluster (gpus_per_node in the file's `cluster` mapping)")
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(out / "experiment.yaml", yaml.safe_dump(spec, sort_keys=False))
     runner = runner or run_cell
     selected = [(i, c) for i, c in enumerate(cells) if not only or only in c.key]
     if gpus is not None:
-        run_parallel(selected, out, gpus, runner, total=len(cells))
+        run_parallel(selected, out, gpus, runner)
+        return out
+    if cluster is not None:
+        run_cluster(selected, out, cluster, spec.get("cluster") or {}, runner, name=spec["name"])
         return out
     rows = []
     for i, cell in selected:
@@ -324,15 +340,57 @@ def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Several GPUs: one worker process per GPU, (defense, seed) groups handed out as workers free up
+# Groups: (defense, seed) groups run on worker processes (one per GPU) or as submitit jobs
 # ---------------------------------------------------------------------------------------------
 
-class GroupFailed(Exception):
-    """A worker's group stopped at a failing cell; carries the rows finished before it."""
+def _run_group(cells: list, out: Path, runner) -> tuple[list, Optional[Exception]]:
+    """Run one group's cells in order; a failing cell ends the group. Returns the finished
+    rows and the error (None when every cell ran): returned, not raised, so that the rows
+    before it come back from a worker process or a cluster job too."""
+    rows = []
+    for cell in cells:
+        log.info("cell %s", cell.key)
+        try:
+            row = runner(cell, out, False)
+        except Exception as e:  # noqa: BLE001 (raised in the caller once every group is done)
+            log.exception("cell %s failed", cell.key)
+            return rows, e
+        rows.append({**row, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    return rows, None
 
-    def __init__(self, rows: list, key: str, error: BaseException):
-        super().__init__(rows, key, error)
-        self.rows, self.key, self.error = rows, key, error
+
+def run_groups(selected: list, out: Path, submit, as_completed) -> None:
+    """Group (index, cell) pairs by (defense, seed) (a group's cells share an align run, so
+    they run in order in one place), hand each group's cells to submit(cells), which returns a
+    future-like object whose result() is _run_group's (rows, error), and collect the results
+    as as_completed(futures) yields them: GPU workers (run_parallel) and submitit jobs
+    (run_cluster) share this.
+
+    Results are written in grid order as groups finish. A failing cell stops its group only,
+    and a job that died (killed, out of time) loses its group only; the other groups run to the
+    end, then the first error is raised."""
+    groups: dict = {}
+    for i, cell in selected:
+        groups.setdefault((cell.defense, cell.seed), []).append((i, cell))
+    log.info("%d cells in %d groups", len(selected), len(groups))
+    futures = {submit([c for _, c in group]): group for group in groups.values()}
+    rows: dict = {}
+    errors = []
+    for future in as_completed(list(futures)):
+        group = futures[future]
+        try:
+            done, error = future.result()
+        except Exception as e:  # noqa: BLE001 (the worker or job itself failed)
+            done, error = [], e
+        if error is not None:
+            log.error("group %s/s%s failed after %d of its %d cells: %s", group[0][1].defense,
+                      group[0][1].seed, len(done), len(group), error)
+            errors.append(error)
+        for (i, _), row in zip(group, done):
+            rows[i] = row
+        write_results(out, [rows[i] for i in sorted(rows)])
+    if errors:
+        raise errors[0]
 
 
 def _pin_gpu(free_gpus, level: int) -> None:
@@ -342,25 +400,10 @@ def _pin_gpu(free_gpus, level: int) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s gpu{gpu} %(levelname)s %(name)s: %(message)s")
 
 
-def _run_group(cells: list, out: Path, runner) -> list:
-    rows = []
-    for cell in cells:
-        log.info("cell %s", cell.key)
-        try:
-            row = runner(cell, out, False)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the parent with the rows)
-            raise GroupFailed(rows, cell.key, e) from None
-        rows.append({**row, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")})
-    return rows
-
-
-def run_parallel(selected: list, out: Path, gpus: list[str], runner=None, total: Optional[int] = None) -> None:
-    """Run (index, cell) pairs grouped by (defense, seed), each group in order in one worker
-    process; a ProcessPoolExecutor of len(gpus) workers hands groups to whichever worker is
-    free, and each worker pins CUDA_VISIBLE_DEVICES to its own GPU id when it starts.
-
-    Results are written in grid order as groups finish. A failing cell stops its group only;
-    the other groups run to the end, then the first error is raised."""
+def run_parallel(selected: list, out: Path, gpus: list[str], runner=None) -> None:
+    """Run (index, cell) pairs by (defense, seed) group (see run_groups) on a
+    ProcessPoolExecutor of len(gpus) workers, which hands groups to whichever worker is free;
+    each worker pins CUDA_VISIBLE_DEVICES to its own GPU id when it starts."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -368,33 +411,66 @@ def run_parallel(selected: list, out: Path, gpus: list[str], runner=None, total:
     if not gpus or any(not g for g in gpus) or len(set(gpus)) != len(gpus):
         raise ConfigError(f"--gpus must list distinct GPU ids, e.g. 0,1; got {','.join(gpus)!r}")
     runner = runner or run_cell
-    groups: dict = {}
-    for i, cell in selected:
-        groups.setdefault((cell.defense, cell.seed), []).append((i, cell))
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     free = ctx.Queue()
     for g in gpus:
         free.put(g)
-    rows: dict = {}
-    errors = []
-    log.info("%d cells in %d groups on GPUs %s", len(selected), len(groups), ",".join(gpus))
+    log.info("GPUs %s", ",".join(gpus))
     with ProcessPoolExecutor(max_workers=len(gpus), mp_context=ctx, initializer=_pin_gpu,
                              initargs=(free, logging.getLogger().getEffectiveLevel())) as pool:
-        futures = {pool.submit(_run_group, [c for _, c in group], out, runner): group
-                   for group in groups.values()}
-        for future in as_completed(futures):
-            group = futures[future]
-            try:
-                done = future.result()
-            except GroupFailed as e:
-                done = e.rows
-                log.error("cell %s failed: %s", e.key, e.error)
-                errors.append(e.error)
-            for (i, _), row in zip(group, done):
-                rows[i] = row
-            write_results(out, [rows[i] for i in sorted(rows)])
-    if errors:
-        raise errors[0]
+        run_groups(selected, out, lambda cells: pool.submit(_run_group, cells, out, runner), as_completed)
+
+
+CLUSTERS = ("slurm", "local", "debug")
+
+
+def _cluster_job(cells: list, out: Path, runner, level: int) -> tuple[list, Optional[Exception]]:
+    """One submitit job: a group, logged to the job's log file in OUT/submitit/."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _run_group(cells, out, runner)
+
+
+def run_cluster(selected: list, out: Path, kind: str, parameters: dict, runner=None,
+                name: str = "inoculate") -> None:
+    """Run (index, cell) pairs as one submitit job per (defense, seed) group (see run_groups)
+    and wait for them. kind: "slurm" (sbatch; every job gets one GPU by default), "local" (a
+    process per job, all started at once) or "debug" (in this process, one job after another).
+    parameters: the experiment's `cluster` mapping, given to executor.update_parameters over the
+    defaults timeout_min=1440 (submitit's own is minutes), gpus_per_node=1 on Slurm and the job
+    name inoculate-NAME. Submission files, pickles and job logs go to OUT/submitit/. Stopping
+    this process with Ctrl-C cancels the jobs; killed otherwise, it leaves them running."""
+    if kind not in CLUSTERS:
+        raise ConfigError(f"--cluster must be one of {', '.join(CLUSTERS)}; got {kind!r}")
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--cluster needs submitit, which is not installed: "
+                          "pip install 'inoculate[cluster]'") from None
+    runner = runner or run_cell
+    try:
+        executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kind)
+    except RuntimeError as e:  # no sbatch/srun here
+        raise ConfigError(f"--cluster {kind}: {e}") from None
+    try:
+        executor.update_parameters(**{"timeout_min": 1440, "name": f"inoculate-{name}",
+                                      **({"gpus_per_node": 1} if kind == "slurm" else {}), **parameters})
+    except (AssertionError, NameError, TypeError, ValueError) as e:
+        raise ConfigError(f"experiment key `cluster`: {e}") from None
+    level = logging.getLogger().getEffectiveLevel()
+    jobs = []
+
+    def submit(cells):
+        jobs.append(executor.submit(_cluster_job, cells, out, runner, level))
+        log.info("group %s/s%s: job %s", cells[0].defense, cells[0].seed, jobs[-1].job_id)
+        return jobs[-1]
+
+    log.info("submitit %s executor, logs in %s", kind, out / "submitit")
+    try:
+        run_groups(selected, out, submit, lambda jobs: submitit.helpers.as_completed(jobs, poll_frequency=1))
+    except KeyboardInterrupt:
+        for job in jobs:  # finished ones too: a debug job's done() would run it
+            job.cancel(check=False)
+        raise
 
 
 def run_cell(cell: Cell, out: Path, progress: bool) -> dict:
