@@ -240,6 +240,13 @@ def _plt():
     return plt
 
 
+def _style(i: int) -> dict:
+    """Marker and line style of the i-th defense, so that defenses with equal scores (lines on
+    top of each other) stay visible."""
+    return {"marker": "osD^vPX*"[i % 8], "linestyle": ("-", "--", ":", "-.")[i % 4],
+            "markersize": 9 - (i % 8) * 0.6, "alpha": 0.85}
+
+
 def plot_strength(rows, out: Path) -> list[Path]:
     plt = _plt()
     made = []
@@ -249,17 +256,20 @@ def plot_strength(rows, out: Path) -> list[Path]:
         sel = [r for r in _strength_rows(rows, kind, axis) if isinstance(r.get(axis), (int, float))]
         if len({r[axis] for r in sel}) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for d in dict.fromkeys(r["defense"] for r in sel):
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for i, d in enumerate(dict.fromkeys(r["defense"] for r in sel)):
             xs = sorted({r[axis] for r in sel if r["defense"] == d})
             ys = [100 * _mean(r["harmful_score"] for r in sel if r["defense"] == d and r[axis] == x) for x in xs]
-            ax.plot(xs, ys, marker="o", label=d)
+            ax.plot(xs, ys, label=d, **_style(i))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("harmful score HS(IO) (%)")
         if axis == "attack_lr":
             ax.set_xscale("log")
+        xs_all = sorted({r[axis] for r in sel})  # ticks at the measured strengths only
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set_title(f"Harmful score vs {xlabel}")
-        ax.legend()
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         ax.grid(alpha=0.3)
         path = out / f"hs_vs_{axis}_{kind}.png"
         fig.tight_layout()
@@ -316,11 +326,11 @@ def plot_utility_vs_harm(rows, out: Path) -> list[Path]:
         return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for d in dict.fromkeys(r["defense"] for r in sel):
+    for i, d in enumerate(dict.fromkeys(r["defense"] for r in sel)):
         pts = [(100 * r["harmful_score"], 100 * _mean(r.get(t) for t in tasks)) for r in sel
                if r["defense"] == d and _mean(r.get(t) for t in tasks) is not None]
         if pts:
-            ax.scatter(*zip(*pts), label=d)
+            ax.scatter(*zip(*pts), label=d, marker=_style(i)["marker"], alpha=0.8)
     ax.set_xlabel("harmful score HS(IO) (%)")
     ax.set_ylabel("mean task accuracy (%)")
     ax.set_title("Utility vs harm (every cell)")
