@@ -244,9 +244,10 @@ def _fwd(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True):
+def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False):
     """The passes of K simulated steps written out: returns the collapse gradients and losses at
-    θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end."""
+    θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end. `sign` moves along
+    sign(g_h) (step_direction=sign) instead of g_h."""
     theta = [p.detach().clone() for p in params]
     relabelled = torch.where(trap["labels"] != -100, e, -100)
     g_c, collapse, harmful = [], [], []
@@ -254,6 +255,8 @@ def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True):
         loss_h = token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"])
         harmful.append(float(loss_h))
         g_h = _grads(model, params, loss_h)
+        if sign:
+            g_h = [torch.sign(g) for g in g_h]
         norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
         with torch.no_grad():
             for p, g in zip(params, g_h):
@@ -439,8 +442,79 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
     _, dcfg, resolved = pipeline.align_config(values)
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
-    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps"}
+    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps", "step_direction"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     with pytest.raises(ConfigError, match="trap_steps"):
         pipeline.align_config({**values, "ctrap.trap_steps": "0"})
+
+
+# ---------------------------------------------------------------------------------------------
+# step_direction = sign (a deviation, off by default): the simulated step follows sign(g_h), the
+# direction of Adam's first update, instead of g_h
+# ---------------------------------------------------------------------------------------------
+
+def test_sign_step_direction_and_length():
+    model, tok = _model()
+    g = lambda: [torch.tensor([3.0, -0.5, 0.0]), torch.tensor([-2e-6])]
+    direction, step = _defense(model, tok, alpha=0.3, step_direction="sign").simulated_step(g())
+    assert [d.tolist() for d in direction] == [[1.0, -1.0, 0.0], [-1.0]]
+    assert step == pytest.approx(-0.3 / (3 ** 0.5 + 1e-7))  # length α over the 3 nonzero coordinates
+    # unnormalized: every moving coordinate moves by α, one Adam step at learning rate α
+    direction, step = _defense(model, tok, alpha=0.3, step_direction="sign", normalize=False).simulated_step(g())
+    assert step == -0.3 and direction[0].tolist() == [1.0, -1.0, 0.0]
+    # the default is the gradient itself
+    raw = g()
+    direction, _ = _defense(model, tok, alpha=0.3).simulated_step(raw)
+    assert direction is raw and raw[0].tolist() == [3.0, -0.5, 0.0]
+
+
+def test_adam_first_update_is_the_sign_step():
+    """What the option models: one AdamW step (no weight decay) from fresh state moves θ by
+    -lr·g/(|g| + eps) = -lr·sign(g) up to eps, the unnormalized sign step with α = lr."""
+    model, tok = _model()
+    d = _defense(model, tok, alpha=1e-3, step_direction="sign", normalize=False)
+    b = _batches(tok)
+    before = [p.detach().clone() for p in d.params]
+    g_h = d.grads(d.lm_loss(b["harmful"]))
+    for p, g in zip(d.params, g_h):
+        p.grad = g.clone()
+    torch.optim.AdamW(d.params, lr=1e-3, weight_decay=0.0, eps=1e-12).step()
+    direction, step = d.simulated_step(g_h)
+    for p, q, s in zip(d.params, before, direction):
+        torch.testing.assert_close(p.detach(), q + step * s, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("lora,trap_steps,normalize", [(True, 1, True), (False, 1, True), (True, 2, True),
+                                                        (True, 1, False)])
+def test_sign_step_gradient_matches_the_passes_by_hand(lora, trap_steps, normalize):
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha = 0.5 if normalize else 0.01
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=0.3, step_direction="sign",
+                 trap_steps=trap_steps, normalize=normalize)
+    params = d.params
+    before = [p.detach().clone() for p in params]
+    d.accumulate(b, scale=1.0)
+    got = [p.grad.clone() for p in params]
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps,
+                                    normalize=normalize, sign=True)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [a + 0.3 * sum(cs) / trap_steps for a, *cs in zip(g_a, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    # and it is not the gradient-direction trap
+    g_grad, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, normalize=normalize)
+    diff = sum(float((x - y).norm()) for x, y in zip(g_c[0], g_grad[0]))
+    assert diff > 1e-3 * sum(float(x.norm()) for x in g_c[0])
+
+
+def test_bad_step_direction_is_rejected():
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="step_direction"):
+        CTRAPConfig(step_direction="adam")
+    with pytest.raises(ConfigError, match="second_order and step_direction"):
+        CTRAPConfig(step_direction="sign", second_order=True)

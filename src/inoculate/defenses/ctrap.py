@@ -20,6 +20,13 @@ to the eager implementation because fused SDPA kernels have no double backward);
 `trap_every=k` refreshes the trap gradient g_c every k steps and reuses it in between
 (amortized mode: on average 1 + 2/k passes per step instead of 3).
 
+Deviation (off by default): `step_direction=sign` moves along sign(g_h) instead of g_h, the
+direction of Adam's first update (m̂/√v̂ = g/|g| at step 1), normalized to length α (or, with
+normalize=false, α per coordinate: one Adam step at learning rate α). On SmolLM2 the gradient-
+direction trap was entered by SGD attackers and walked around by AdamW ones
+(docs/methods/ctrap-smollm2.md); this option builds the trap along the AdamW attacker's path.
+Combines with trap_steps (every simulated step is a sign step) and trap_every.
+
 Deviation from the paper and the official code (off by default): `trap_steps=K > 1` simulates K
 normalized harmful steps on the same harmful batch, the harmful gradient recomputed at each point,
   θ_1 = θ − α·g_h(θ)/‖g_h(θ)‖,   θ_{k+1} = θ_k − α·g_h(θ_k)/‖g_h(θ_k)‖,
@@ -49,6 +56,7 @@ from .base import Defense, DefenseConfig, StreamSpec, _shift, global_norm, regis
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
+STEP_DIRECTIONS = ("gradient", "sign")
 
 
 @dataclass
@@ -71,10 +79,14 @@ class CTRAPConfig(DefenseConfig):
                              "the collapse term as the mean over θ_1..θ_K (first order), so that the trap "
                              "holds for several attack steps; costs 2K+1 passes per step instead of 3; "
                              "not with second_order")
+    step_direction: str = doc("gradient", "direction of the simulated step: gradient (paper/official code) | "
+                                          "sign, DEVIATION: sign(g_h), the direction of Adam's first update "
+                                          "(m̂/√v̂ = g/|g|), so the trap guards the region an AdamW attacker "
+                                          "steps into; with normalize, still of length α; not with second_order")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
-    later_fields: ClassVar[tuple] = ("trap_steps",)
+    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -90,6 +102,11 @@ class CTRAPConfig(DefenseConfig):
         if self.second_order and self.trap_steps != 1:
             raise ConfigError("ctrap.second_order and trap_steps > 1 do not combine (the exact gradient "
                               "through K simulated steps is not implemented; use the first-order default)")
+        if self.step_direction not in STEP_DIRECTIONS:
+            raise ConfigError(f"ctrap.step_direction must be one of {STEP_DIRECTIONS}, got {self.step_direction!r}")
+        if self.second_order and self.step_direction != "gradient":
+            raise ConfigError("ctrap.second_order and step_direction=sign do not combine (sign(g_h) has "
+                              "zero derivative, so there is nothing to differentiate through)")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -153,10 +170,19 @@ class CTRAP(Defense):
         return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution)
 
     def simulated_step(self, g_h) -> tuple[list, float]:
-        """Direction and scale of Step 2 (θ' = θ + scale·direction)."""
-        if self.config.normalize:
-            return g_h, -self.config.alpha / (float(global_norm(g_h)) + 1e-7)
-        return g_h, -self.config.alpha
+        """Direction and scale of Step 2 (θ' = θ + scale·direction).
+
+        With step_direction=sign the direction is sign(g_h), taken in place (g_h is this step's
+        own, already all-reduced gradient): Adam's first update is lr·sign(g), so the normalized
+        sign step is the first step of an AdamW attacker scaled to length α, and the unnormalized
+        one (normalize=false) moves every coordinate by α, an Adam step at learning rate α."""
+        c = self.config
+        if c.step_direction == "sign":
+            for g in g_h:
+                g.sign_()
+        if c.normalize:
+            return g_h, -c.alpha / (float(global_norm(g_h)) + 1e-7)
+        return g_h, -c.alpha
 
     def accumulate(self, batches, scale):
         c = self.config
