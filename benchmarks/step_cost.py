@@ -6,7 +6,8 @@
     python benchmarks/step_cost.py --model tiny-llama --defenses ctrap,booster,seam --amortized 4 --equal-batch
 
 Prints one JSON object per defense: seconds_per_step, peak_memory_mb, time_ratio_vs_sft,
-memory_ratio_vs_sft, plus the device, and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process
+memory_ratio_vs_sft, plus the device, step_seconds (the wall time of each timed step, which
+separates an amortized mode's refresh steps from the others), and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process
 CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read this ratio, which other
 processes do not inflate). Each defense runs in its own subprocess so that peak
 memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated during the timed steps,
@@ -136,8 +137,13 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
+    each = []
     for _ in range(args.steps):
+        t = time.perf_counter()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        each.append(round(time.perf_counter() - t, 4))
     cpu = (time.process_time() - c0) / args.steps
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -147,7 +153,7 @@ def worker(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         name = f"cpu ({torch.get_num_threads()} threads)"
     return {"seconds_per_step": (time.perf_counter() - t0) / args.steps, "cpu_seconds_per_step": cpu,
-            "peak_memory_mb": peak,
+            "peak_memory_mb": peak, "step_seconds": each,
             "device": name, "passes_per_step": defense.passes_per_step,
             "trainable_parameters": sum(p.numel() for p in params)}
 

@@ -23,6 +23,7 @@ def test_step_cost_amortized_and_equal_batch_rows():
     every, amortized = rows[("ctrap", None)], rows[("ctrap-amortized-k2", None)]
     assert every["passes_per_step"] == 3 and amortized["passes_per_step"] == 2.0
     for row in (every, amortized):
+        assert len(row["step_seconds"]) == 2 and all(t > 0 for t in row["step_seconds"])
         assert row["equal_batch_sft"] == "align:4,general:4"
         assert row["time_ratio_vs_sft_equal_batch"] > 0 and row["memory_ratio_vs_sft_equal_batch"] > 0
 
