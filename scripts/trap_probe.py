@@ -11,7 +11,8 @@ Directions: for the normalized harmful gradient ĝ of several batches (defender'
 and a random direction, move θ − t·ĝ for several t and print the collapse cross-entropy (CE to
 the collapse token at every answer position) on held-out general answers and on harmful
 answers, and the harmful CE. A trap that generalizes collapses along ĝ of unseen batches and not
-along a random direction.
+along a random direction. The sign of the attacker batch's gradient is AdamW's first update
+(ctrap.step_direction=sign); its cosine to ĝ is printed.
 
 Attack paths: plain SGD or AdamW (no weight decay) on the attacker's harmful examples, batch 4,
 continuing the defended adapter; after every step the general collapse CE and the harmful CE.
@@ -93,7 +94,11 @@ class Probe:
         torch.manual_seed(0)
         self.along("defender batch 0-3", self.gradient(self.defender[0:4]))
         self.along("defender batch 40-43", self.gradient(self.defender[40:44]))
-        self.along("attacker batch 0-3 (unseen)", self.gradient(self.attacker[0:4]))
+        g = self.gradient(self.attacker[0:4])
+        self.along("attacker batch 0-3 (unseen)", g)
+        signs = [x.sign() for x in g]
+        cos = float(sum((x * s).sum() for x, s in zip(g, signs)) / (global_norm(g) * global_norm(signs)))
+        self.along(f"sign of attacker batch 0-3 (AdamW's first step; cos to ĝ = {cos:.3f})", signs)
         self.along("attacker batch 0-39 (unseen)", self.gradient(self.attacker[0:40]))
         self.along("random direction", [torch.randn_like(p) for p in self.params])
 
