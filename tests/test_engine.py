@@ -150,6 +150,22 @@ def test_logged_values_average_over_the_micro_steps_that_report_them(tiny, tmp_p
     assert result.last_logs["sparse"] == pytest.approx(3.0)  # not 1.5 (3 divided by 2 micro-steps)
 
 
+def test_a_loss_not_reported_at_a_logging_step_is_logged_with_its_latest_value(tiny, tmp_path):
+    """Amortized look-ahead defenses report their trap losses on refresh steps only; a logging
+    step between refreshes must still log them (the latest value), not drop them."""
+    model_, tok = tiny
+    model = copy.deepcopy(model_)
+    model.requires_grad_(True)
+    defense = _ReportsEveryOther(SFTConfig(), 2)  # reports `sparse` on steps 1 and 3 only
+    defense.setup(model, tok)
+    streams = {"align": Stream("align", _examples(4, length=12, answer_from=5), 2, tok.pad_token_id, seed=0)}
+    train(model, defense, streams, _args(per_device_train_batch_size=2, max_steps=4, logging_steps=2),
+          tmp_path / "carry", main_stream="align", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "carry" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["sparse"] == 3.0 and "loss" in r for r in rows)
+
+
 class _NaNAtStep(SFT):
     def __init__(self, *a, bad_call=2, where="loss", **kw):
         super().__init__(*a, **kw)

@@ -226,6 +226,7 @@ def train(
     rank0 = (not dist.is_available()) or (not dist.is_initialized()) or dist.get_rank() == 0
     t0 = time.time()
     logs: dict = {}
+    reported: Dict[str, float] = {}  # the latest value of every loss a step reported
     if monitor is not None and start == 0:
         loggers.write(0, {f"monitor/{k}": v for k, v in monitor(model).items()})
     bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=f"{defense.name}",
@@ -265,7 +266,10 @@ def train(
         optimizer.step()
         scheduler.step()
         done = step + 1
-        logs = dict(sums, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+        # a loss this step did not report (an amortized look-ahead loss between refreshes) is
+        # logged with its latest value, so a logging step that is not a refresh still shows it
+        reported.update(sums)
+        logs = dict(reported, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
                     elapsed_s=round(time.time() - t0, 2))
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
         if done % max(1, args.logging_steps) == 0 or done == n_steps:
