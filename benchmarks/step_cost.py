@@ -7,9 +7,9 @@
 
 Prints one JSON object per defense: seconds_per_step, peak_memory_mb, time_ratio_vs_sft,
 memory_ratio_vs_sft, plus the device, step_seconds (the wall time of each timed step, which
-separates an amortized mode's refresh steps from the others), and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process
-CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read this ratio, which other
-processes do not inflate). Each defense runs in its own subprocess so that peak
+separates an amortized mode's refresh steps from the others), and cpu_seconds_per_step /
+cpu_time_ratio_vs_sft (process CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read
+this ratio, which other processes do not inflate). Each defense runs in its own subprocess so that peak
 memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated during the timed steps,
 on CPU the peak resident set size of the process (model, data and Python included, so CPU
 memory ratios understate the difference in training state). Same model, data, batch size and
