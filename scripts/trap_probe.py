@@ -12,7 +12,9 @@ and a random direction, move θ − t·ĝ for several t and print the collapse c
 the collapse token at every answer position) on held-out general answers and on harmful
 answers, and the harmful CE. A trap that generalizes collapses along ĝ of unseen batches and not
 along a random direction. The sign of the attacker batch's gradient is AdamW's first update
-(ctrap.step_direction=sign); its cosine to ĝ is printed.
+(ctrap.step_direction=sign); its cosine to ĝ is printed. A trap that is selective does not
+collapse along the gradient of a benign task batch (SST-2, the benign attack's data) or along
+its sign; the cosines of the benign and harmful directions, raw and signed, are printed.
 
 Attack paths: plain SGD or AdamW (no weight decay) on the attacker's harmful examples, batch 4,
 continuing the defended adapter; after every step the general collapse CE and the harmful CE.
@@ -30,9 +32,13 @@ from inoculate.defenses.base import global_norm, token_ce
 from inoculate.evaluation.metrics import collapse_token_id
 from inoculate.models import load_model
 from inoculate.pipeline import (_encode, _suite, align_config, attacker_harmful_records,
-                                defender_harmful_records, general_records)
+                                defender_harmful_records, general_records, task_records)
 
 DISTANCES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
+
+
+def cosine(a, b) -> float:
+    return float(sum((x * y).sum() for x, y in zip(a, b)) / (global_norm(a) * global_norm(b)))
 
 
 class Probe:
@@ -47,6 +53,7 @@ class Probe:
         self.attacker = attacker_harmful_records(self.cfg)[-80:]
         self.general = self.batch(general_records(self.cfg, suite.general_test_split, limit=10), "response")
         self.harmful = self.batch(self.attacker[:8], "response")
+        self.benign = task_records(self.cfg, "sst2", train=True, limit=4) if "sst2" in suite.tasks else []
 
     def load(self):
         loaded = load_model(self.run, keep_adapter=True)
@@ -97,9 +104,14 @@ class Probe:
         g = self.gradient(self.attacker[0:4])
         self.along("attacker batch 0-3 (unseen)", g)
         signs = [x.sign() for x in g]
-        cos = float(sum((x * s).sum() for x, s in zip(g, signs)) / (global_norm(g) * global_norm(signs)))
-        self.along(f"sign of attacker batch 0-3 (AdamW's first step; cos to ĝ = {cos:.3f})", signs)
+        self.along(f"sign of attacker batch 0-3 (AdamW's first step; cos to ĝ = {cosine(g, signs):.3f})", signs)
         self.along("attacker batch 0-39 (unseen)", self.gradient(self.attacker[0:40]))
+        if self.benign:
+            b = self.gradient(self.benign)
+            b_signs = [x.sign() for x in b]
+            self.along(f"benign SST-2 batch 0-3 (cos to attacker ĝ = {cosine(b, g):.3f})", b)
+            self.along(f"sign of benign SST-2 batch 0-3 (cos to the attacker's sign = "
+                       f"{cosine(b_signs, signs):.3f})", b_signs)
         self.along("random direction", [torch.randn_like(p) for p in self.params])
 
     def attack(self, spec: str):
