@@ -40,7 +40,7 @@ def _examples(tok):
 
 
 def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "sgd",
-         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0):
+         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0, ctrap: dict = {}):
     """CTRAP on tiny-llama with LoRA, the global batch split over `world` processes.
     Returns (model, tokenizer, trainable parameters before, after), all parameters whole."""
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "
         shard_model(model)
         assert is_sharded([p for p in model.parameters()])
     tok = loaded.tokenizer
-    defense = CTRAP(CTRAPConfig(harmful_batch_size=GLOBAL_BATCH // world), GLOBAL_BATCH // world)
+    defense = CTRAP(CTRAPConfig(harmful_batch_size=GLOBAL_BATCH // world, **ctrap), GLOBAL_BATCH // world)
     defense.setup(model, tok)
     streams = {name: Stream(name, items, GLOBAL_BATCH // world, tok.pad_token_id, seed=1,
                             rank=rank, world_size=world) for name, items in _examples(tok).items()}
@@ -68,16 +68,16 @@ def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "
     return model, tok, before, after
 
 
-def _step(rank: int, world: int, run_dir: str) -> list[torch.Tensor]:
-    _, _, before, after = _run(rank, world, run_dir)
+def _step(rank: int, world: int, run_dir: str, ctrap: dict) -> list[torch.Tensor]:
+    _, _, before, after = _run(rank, world, run_dir, ctrap=ctrap)
     return before, after
 
 
-def _worker(rank, world, port, run_dir, out_file):
+def _worker(rank, world, port, run_dir, out_file, ctrap):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _, params = _step(rank, world, os.path.join(run_dir, f"rank{rank}"))
+        _, params = _step(rank, world, os.path.join(run_dir, f"rank{rank}"), ctrap)
         if rank == 0:
             torch.save(params, out_file)
     finally:
@@ -91,12 +91,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ctrap_step_on_two_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("ctrap", [{}, {"step_direction": "sign"}], ids=["gradient", "sign"])
+def test_ctrap_step_on_two_processes_equals_one_process(tmp_path, ctrap):
+    """With step_direction=sign the sign is taken of the all-reduced gradient: a sign of each
+    process's own half-batch gradient would move θ' differently. (A coordinate whose global
+    gradient is within rounding of 0 could flip between 1 and 2 processes; the sums are
+    deterministic, so this test either always passes or always fails on a given platform.)"""
     load_model("tiny-llama")  # build the cached tiny model once, before the workers race for it
     out_file = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out_file, ctrap), nprocs=2, join=True)
     two = torch.load(out_file)
-    before, one = _step(0, 1, str(tmp_path / "single"))
+    before, one = _step(0, 1, str(tmp_path / "single"), ctrap)
     update_one = torch.cat([(a - b).flatten() for a, b in zip(one, before)])
     update_two = torch.cat([(a - b).flatten() for a, b in zip(two, before)])
     assert update_one.norm() > 0, "the step did not change the parameters"
