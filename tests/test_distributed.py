@@ -40,7 +40,7 @@ def _examples(tok):
 
 
 def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "sgd",
-         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0, ctrap: dict = {}):
+         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0, ctrap: dict | None = None):
     """CTRAP on tiny-llama with LoRA, the global batch split over `world` processes.
     Returns (model, tokenizer, trainable parameters before, after), all parameters whole."""
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "
         shard_model(model)
         assert is_sharded([p for p in model.parameters()])
     tok = loaded.tokenizer
-    defense = CTRAP(CTRAPConfig(harmful_batch_size=GLOBAL_BATCH // world, **ctrap), GLOBAL_BATCH // world)
+    defense = CTRAP(CTRAPConfig(harmful_batch_size=GLOBAL_BATCH // world, **(ctrap or {})), GLOBAL_BATCH // world)
     defense.setup(model, tok)
     streams = {name: Stream(name, items, GLOBAL_BATCH // world, tok.pad_token_id, seed=1,
                             rank=rank, world_size=world) for name, items in _examples(tok).items()}
