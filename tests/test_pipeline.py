@@ -399,3 +399,20 @@ def test_fsdp_in_one_process_is_ignored(tmp_path, caplog):
         out = pipeline.align(dict(ALIGN, fsdp=True), tmp_path / "run", progress=False)
     assert "fsdp=true is ignored" in caplog.text
     assert _info(out)["status"] == "complete"
+
+
+def test_a_run_made_from_a_replaced_model_is_not_reused(tmp_path):
+    """An attack records the config hash of the aligned run it started from; once that run
+    directory holds another alignment, the same attack command refuses to return the old
+    attack's results (its config names the aligned model by path only)."""
+    align_dir = pipeline.align(dict(ALIGN, max_steps=1), tmp_path / "align", progress=False)
+    attack = dict(ATTACK, model=str(align_dir), max_steps=1)
+    out = pipeline.attack(attack, tmp_path / "attack", progress=False)
+    assert _info(out)["source_hash"] == _info(align_dir)["config_hash"]
+    assert pipeline.attack(attack, out, progress=False) == out  # same source: reused
+
+    pipeline.align(dict(ALIGN, max_steps=1, learning_rate=5e-3), align_dir, overwrite=True, progress=False)
+    with pytest.raises(runs.RunDirError, match="belong to the old model"):
+        pipeline.attack(attack, out, progress=False)
+    pipeline.attack(attack, out, overwrite=True, progress=False)  # run again on the new model
+    assert _info(out)["source_hash"] == _info(align_dir)["config_hash"]

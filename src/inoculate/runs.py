@@ -10,6 +10,13 @@
 A run whose run.json says complete with the same config hash is reused; a run directory that
 holds a different config is refused unless overwrite is asked for; an unfinished run with the
 same config resumes from its checkpoint.
+
+A run made from another run's model (an attack of an aligned model, an evaluation of an
+attacked one) records that run's config hash as `source_hash`. Its config names the source by
+path only, so if the source directory is later replaced by a run with another config (the
+aligned models an experiment shares through `align_out`, a directory removed and run again), a
+reuse would return results of the old model: prepare refuses it instead. Runs finished before
+`source_hash` existed are reused as before.
 """
 from __future__ import annotations
 
@@ -74,6 +81,7 @@ def prepare(run_dir: Path, config: dict, overwrite: bool = False) -> str:
                 f"{run_dir} holds a run with a different config (differs in: {', '.join(changed[:8])}); "
                 f"choose another --out, or pass --overwrite to replace it")
         if is_complete(run_dir, config):
+            _check_source(run_dir, config)
             return "done"
         return "resume"
     if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
@@ -89,9 +97,30 @@ def _has_results(run_dir: Path) -> bool:
     return any(p.name != "config.yaml" and not p.name.startswith(".") for p in run_dir.iterdir())
 
 
+def source_hash(model) -> str | None:
+    """The config hash of the complete inoculate run that `model` names, None for anything else
+    (a hub id, a plain model folder)."""
+    marker = Path(str(model)) / RUN_MARKER if model else None
+    if marker is None or not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("config_hash")
+
+
+def _check_source(run_dir: Path, config: dict) -> None:
+    recorded = json.loads((Path(run_dir) / RUN_MARKER).read_text()).get("source_hash")
+    current = source_hash(config.get("model"))
+    if recorded is not None and recorded != current:
+        raise RunDirError(
+            f"{run_dir} was made from {config.get('model')} when that held another run "
+            f"(config hash {recorded}, now {current}); its results belong to the old model. "
+            f"Move {run_dir} away (or pass --overwrite) to run it again on the new one")
+
+
 def finish(run_dir: Path, config: dict, **info) -> None:
+    source = source_hash(config.get("model"))
     atomic_write_text(Path(run_dir) / RUN_MARKER,
-                      json.dumps({"status": "complete", "config_hash": config_hash(config), **info},
+                      json.dumps({"status": "complete", "config_hash": config_hash(config),
+                                  **({"source_hash": source} if source else {}), **info},
                                  indent=2, default=str))
 
 
