@@ -208,11 +208,23 @@ class CTRAP(Defense):
         loss_a = token_ce(logits, labels)
         self.backward(loss_a, scale)
         logs["align_loss"] = loss_a.item()
-        # Dormancy monitor, free: the collapse loss at θ itself on the same retain logits.
-        # The trap works when this stays high while collapse_loss (at θ') falls.
+        # Dormancy monitor: the collapse loss at θ itself on the same retain logits. The trap
+        # works when this stays high while collapse_loss (at θ') falls.
         with torch.no_grad():
-            logs["collapse_loss_at_theta"] = self.collapse(logits.detach(), labels).item()
+            logs["collapse_loss_at_theta"] = self._collapse_at_theta(logits.detach(), labels, logs["align_loss"])
         return logs
+
+    def _collapse_at_theta(self, logits, labels, align_loss: float) -> float:
+        """The collapse loss on logits whose answer CE is `align_loss`. For the token target,
+        CE(token) = CE(label) + mean(logit_label − logit_token) over the same positions (the
+        log-normalizer cancels), so no second softmax over the vocabulary is needed."""
+        if self.config.collapse_target != "token":
+            return self.collapse(logits, labels).item()
+        shift, target = logits[:, :-1, :], labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        label_logit = shift.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        gap = (label_logit.float() - shift[..., self.token].float())[mask]
+        return align_loss + gap.mean().item()
 
     def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale) -> dict:
         """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
