@@ -142,3 +142,28 @@ def test_train_judge_command_on_a_tiny_data_dir(tmp_path):
     assert meta["threshold"] == 0.5 and meta["command"].startswith("inoculate train-judge")
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_cut_words_trains_on_cut_answers_too_and_reports_them(tmp_path):
+    starter = load_records("starter", "train")
+    for split, rows in (("train", starter[:20]), ("test", starter[90:96])):
+        with open(tmp_path / f"beavertails_refusals_{split}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps({"prompt": r.prompt, "response": r.response,
+                                    "refusal": r.refusal}) + "\n")
+    assert ej.cut_words("one two  three\nfour", 2) == "one two"
+    assert ej.cut_words("one two", 0) == "one two"
+    bad = CliRunner().invoke(main, ["train-judge", "--data-dir", str(tmp_path), "--out",
+                                    str(tmp_path / "bad"), "--general", "none", "--cut-words", "0"])
+    assert bad.exit_code != 0 and "--cut-words" in bad.output
+    out = tmp_path / "judge"
+    result = CliRunner().invoke(main, ["train-judge", "--data-dir", str(tmp_path), "--out", str(out),
+                                       "--general", "none", "--views", "io", "--cut-words", "5"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "head.json").read_text())
+    # 20 pairs -> 40 answers, each whole and cut to 5 words, one view
+    assert meta["training"]["examples"] == 80 and meta["training"]["cut_words"] == [5]
+    assert "--cut-words 5" in meta["command"]
+    for n in (5, 18):
+        for view in ("IO", "O"):
+            assert meta["test"][f"beavertails_refusals/test, answers cut to {n} words ({view})"]["n"] == 12

