@@ -248,8 +248,8 @@ def train_judge(data_dir, out, general, views, cut, do_not_answer, batch_size, s
                                                                f"--seed {seed}"]
     command = " ".join(parts)
     meta = _run_guarded(lambda: run(out, data_dir=data_dir, general=general, views=view_list,
-                                    cuts=cuts, do_not_answer=do_not_answer, batch_size=batch_size, seed=seed,
-                                    overwrite=overwrite, command=command))
+                                    cuts=cuts, do_not_answer=do_not_answer, batch_size=batch_size,
+                                    seed=seed, overwrite=overwrite, command=command))
     for title, section in (("held-out", meta["test"]), ("checks", meta["checks"])):
         click.echo(f"{title}:")
         for name, m in section.items():

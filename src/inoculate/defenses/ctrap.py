@@ -211,7 +211,8 @@ class CTRAP(Defense):
         # Dormancy monitor: the collapse loss at θ itself on the same retain logits. The trap
         # works when this stays high while collapse_loss (at θ') falls.
         with torch.no_grad():
-            logs["collapse_loss_at_theta"] = self._collapse_at_theta(logits.detach(), labels, logs["align_loss"])
+            logs["collapse_loss_at_theta"] = self._collapse_at_theta(logits.detach(), labels,
+                                                                     logs["align_loss"])
         return logs
 
     def _collapse_at_theta(self, logits, labels, align_loss: float) -> float:

@@ -314,6 +314,13 @@ def cut_words(text: str, words: int) -> str:
     return text if words == 0 else " ".join(text.split()[:words])
 
 
+def _check_cuts(cuts: Sequence[int]) -> tuple[int, ...]:
+    cuts = tuple(int(n) for n in cuts)
+    if any(n < 1 for n in cuts):
+        raise ValueError(f"--cut-words takes answer lengths in words (>= 1), got {list(cuts)}")
+    return cuts
+
+
 def view_texts(questions: Sequence[str], answers: Sequence[str], view: str) -> list[str]:
     """The judge's text for view "io" (question and answer) or "o" (question " ")."""
     if view == "io":
@@ -402,9 +409,7 @@ def train_head(records: Sequence[Record], *, negatives: Sequence[Record] = (),
     The returned head's `info` says what was fitted and the training accuracy."""
     records, negatives = list(records), list(negatives)
     embedder = embedder or SentenceEmbedder()
-    views, cuts = tuple(views), tuple(int(n) for n in cuts)
-    if any(n < 1 for n in cuts):
-        raise ValueError(f"cuts are answer lengths in words (>= 1), got {list(cuts)}")
+    views, cuts = tuple(views), _check_cuts(cuts)
 
     def examples(recs, negs):
         questions, answers, labels = labelled_pairs(recs, negatives=negs)
@@ -416,7 +421,8 @@ def train_head(records: Sequence[Record], *, negatives: Sequence[Record] = (),
     texts, labels = examples(records, negatives)
     x_all = embedder.embed(texts)
     y_all = torch.tensor(labels, dtype=torch.float64)
-    info = {"views": list(views), "cut_words": list(cuts), "examples": len(labels), "harmful": int(sum(labels)),
+    info = {"views": list(views), "cut_words": list(cuts), "examples": len(labels),
+            "harmful": int(sum(labels)),
             "harmless": len(labels) - int(sum(labels)), "records": len(records),
             "extra_negatives": len(negatives), "class_weights": "balanced (each class half)",
             "optimizer": f"L-BFGS (strong Wolfe), full batch, float64, max_iter={max_iter}",
@@ -486,8 +492,7 @@ def _do_not_answer(data_dir: Path) -> tuple[list[str], list[str], list[int]]:
 def train_judge(out: str | os.PathLike, *, data_dir: Optional[str | os.PathLike] = None,
                 general: Optional[str] = "alpaca", views: Sequence[str] = ("io", "o"),
                 cuts: Sequence[int] = (), do_not_answer: bool = False, batch_size: int = 32,
-                seed: int = 0,
-                overwrite: bool = False, command: Optional[str] = None) -> dict:
+                seed: int = 0, overwrite: bool = False, command: Optional[str] = None) -> dict:
     """Train the embedding judge's head on BeaverTails refusal pairs (train split) plus harmless
     `general` answers (Alpaca train split; None for none), score it on held-out data, and write
     `out`/head.safetensors and `out`/head.json. Returns the metadata (also in head.json).
@@ -507,8 +512,7 @@ def train_judge(out: str | os.PathLike, *, data_dir: Optional[str | os.PathLike]
         raise ValueError(f"{str(target)!r} exists; pass --overwrite to replace it")
     for view in views:
         view_texts([], [], view)  # validates the names before the slow part
-    if any(int(n) < 1 for n in cuts):
-        raise ValueError(f"--cut-words takes answer lengths in words (>= 1), got {list(cuts)}")
+    cuts = _check_cuts(cuts)  # before the slow part too
     if do_not_answer and data_dir is None:
         raise ValueError("--do-not-answer reads its file from --data-dir")
     model_dir()  # a missing package fails before the data is read
