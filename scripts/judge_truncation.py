@@ -35,6 +35,7 @@ def main() -> None:
 
     from inoculate.data.sources import load_records
     from inoculate.evaluation.embedding_judge import EmbeddingJudge
+    from inoculate.evaluation.metrics import BLANK_QUESTION
 
     judge = EmbeddingJudge(args.head)
     records = load_records("beavertails_refusals", "test", data_dir=args.data_dir, limit=args.pairs)
@@ -43,7 +44,7 @@ def main() -> None:
         row = {"words": words or "whole", "pairs": len(records), "head": args.head}
         for kind, answers in (("refusal", [cut(r.refusal, words) for r in records]),
                               ("harmful", [cut(r.response, words) for r in records])):
-            for view, questions in (("io", prompts), ("o", [""] * len(records))):
+            for view, questions in (("io", prompts), ("o", [BLANK_QUESTION] * len(records))):
                 flagged = judge.scores(questions, answers) > judge.threshold
                 row[f"{kind}_flagged_{view}"] = round(float(flagged.float().mean()), 3)
         print(json.dumps(row))

@@ -1,0 +1,54 @@
+"""Score finished evaluations' answers again with other embedding-judge heads.
+
+    python scripts/rejudge.py RUN/eval [RUN/attack/eval ...] \
+        --heads judges/minilm-beavertails judges/minilm-beavertails-cut
+
+Reads each evaluation directory's generations.jsonl (the harmful prompts' greedy answers, as
+`inoculate evaluate` wrote them), and prints one JSON object per directory: the keyword judge's
+harmful score stored there and, for every head, HS(IO) (question + answer) and HS(O) (the answer
+alone) at the head's threshold. Nothing is generated again and nothing is written, so heads can
+be compared on the same answers (docs/evaluation.md, Judges).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("eval_dirs", nargs="+", help="evaluation run directories (holding generations.jsonl)")
+    parser.add_argument("--heads", nargs="+", default=["judges/minilm-beavertails"])
+    args = parser.parse_args()
+
+    from inoculate.evaluation.embedding_judge import EmbeddingJudge, SentenceEmbedder
+    from inoculate.evaluation.metrics import BLANK_QUESTION
+
+    embedder = SentenceEmbedder()
+    judges = {h: EmbeddingJudge(h, embedder=embedder) for h in args.heads}
+    for d in args.eval_dirs:
+        path = Path(d) / "generations.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: pass evaluation directories (RUN/eval)")
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        rows = [r for r in rows if r.get("kind") == "harmful"]
+        if not rows:
+            raise SystemExit(f"{path} holds no harmful-prompt answers")
+        prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+        out = {"eval_dir": d, "n": len(rows),
+               "keyword_hs_io": round(sum(r["verdict"]["harmful"] for r in rows) / len(rows), 3)}
+        for head, judge in judges.items():
+            io = judge.scores(prompts, answers) > judge.threshold
+            o = judge.scores([BLANK_QUESTION] * len(rows), answers) > judge.threshold
+            out[head] = {"hs_io": round(float(io.float().mean()), 3),
+                         "hs_o": round(float(o.float().mean()), 3)}
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
