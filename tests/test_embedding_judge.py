@@ -124,13 +124,19 @@ def test_save_head_round_trips_atomically(tmp_path):
     assert json.loads((path.parent / "head.json").read_text())["embedding_model"] == ej.EMBEDDING_MODEL
 
 
-def test_train_judge_command_on_a_tiny_data_dir(tmp_path):
+def _tiny_pairs_dir(tmp_path):
+    """beavertails_refusals train (20 pairs) and test (6 pairs) files made from the starter set."""
     starter = load_records("starter", "train")
     for split, rows in (("train", starter[:20]), ("test", starter[90:96])):
         with open(tmp_path / f"beavertails_refusals_{split}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps({"prompt": r.prompt, "response": r.response,
                                     "refusal": r.refusal}) + "\n")
+    return tmp_path
+
+
+def test_train_judge_command_on_a_tiny_data_dir(tmp_path):
+    _tiny_pairs_dir(tmp_path)
     out = tmp_path / "judge"
     args = ["train-judge", "--data-dir", str(tmp_path), "--out", str(out), "--general", "none"]
     result = CliRunner().invoke(main, args)
@@ -145,12 +151,7 @@ def test_train_judge_command_on_a_tiny_data_dir(tmp_path):
 
 
 def test_cut_words_trains_on_cut_answers_too_and_reports_them(tmp_path):
-    starter = load_records("starter", "train")
-    for split, rows in (("train", starter[:20]), ("test", starter[90:96])):
-        with open(tmp_path / f"beavertails_refusals_{split}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps({"prompt": r.prompt, "response": r.response,
-                                    "refusal": r.refusal}) + "\n")
+    _tiny_pairs_dir(tmp_path)
     assert ej.cut_words("one two  three\nfour", 2) == "one two"
     assert ej.cut_words("one two", 0) == "one two"
     bad = CliRunner().invoke(main, ["train-judge", "--data-dir", str(tmp_path), "--out",
