@@ -187,8 +187,8 @@ def test_amortized_mode_reuses_the_trap_gradient():
     assert "collapse_loss" not in logs
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     g_a = _grads(model, d.params, d.lm_loss(retain))
-    for p, a, c in zip(d.params, g_a, cached):
-        torch.testing.assert_close(p.grad, a + 0.5 * c, rtol=1e-5, atol=1e-8)
+    for p, a, c in zip(d.params, g_a, cached):  # the cache holds λ·g_c
+        torch.testing.assert_close(p.grad, a + c, rtol=1e-5, atol=1e-8)
     assert all(torch.equal(x, y) for x, y in zip(cached, d.cached_trap))
 
 
@@ -392,7 +392,7 @@ def test_trap_steps_amortized_mode_caches_the_mean_over_the_points():
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     g_c, _, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, 2)
     for x, c1, c2 in zip(d.cached_trap, *g_c):
-        torch.testing.assert_close(x, (c1 + c2) / 2, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(x, lam * (c1 + c2) / 2, rtol=1e-4, atol=1e-8)
     cached = [g.clone() for g in d.cached_trap]
     for p in d.params:
         p.grad = None
@@ -401,7 +401,7 @@ def test_trap_steps_amortized_mode_caches_the_mean_over_the_points():
     assert "collapse_loss" not in logs
     g_a = _grads(model, d.params, d.lm_loss(retain))
     for p, a, c in zip(d.params, g_a, cached):
-        torch.testing.assert_close(p.grad, a + lam * c, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(p.grad, a + c, rtol=1e-5, atol=1e-8)
 
 
 def test_trap_steps_each_move_takes_effect_under_bf16_autocast():
@@ -442,7 +442,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
     _, dcfg, resolved = pipeline.align_config(values)
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
-    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps", "step_direction"}
+    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps", "step_direction",
+                                                                           "benign_guard"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     with pytest.raises(ConfigError, match="trap_steps"):
@@ -518,3 +519,88 @@ def test_bad_step_direction_is_rejected():
         CTRAPConfig(step_direction="adam")
     with pytest.raises(ConfigError, match="second_order and step_direction"):
         CTRAPConfig(step_direction="sign", second_order=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# benign_guard = μ (a deviation, off by default): μ·CE(retain batch) at θ_b = θ − α·ĝ_general
+# ---------------------------------------------------------------------------------------------
+
+def _guard_by_hand(model, params, b, retain, alpha, sign=False):
+    """The guard's two passes written out: the retain-batch CE gradient and loss at θ_b, and the
+    collapse loss there; θ is restored at the end."""
+    theta = [p.detach().clone() for p in params]
+    g_b = _grads(model, params, token_ce(_fwd(model, b["general"]), b["general"]["labels"]))
+    if sign:
+        g_b = [torch.sign(g) for g in g_b]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_b))
+    with torch.no_grad():
+        for p, g in zip(params, g_b):
+            p.sub_(alpha * g / (norm + 1e-7))
+    logits = _fwd(model, retain)
+    loss = token_ce(logits, retain["labels"])
+    g = _grads(model, params, loss)
+    with torch.no_grad():
+        for p, q in zip(params, theta):
+            p.copy_(q)
+    return g, float(loss), logits.detach()
+
+
+@pytest.mark.parametrize("lora,sign,trap_steps", [(True, False, 1), (False, False, 1), (True, True, 2)])
+def test_benign_guard_gradient_matches_the_passes_by_hand(lora, sign, trap_steps):
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha, lam, mu, scale = 0.5, 0.3, 2.0, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, benign_guard=mu, trap_steps=trap_steps,
+                 step_direction="sign" if sign else "gradient")
+    assert d.passes_per_step == 1 + 2 * trap_steps + 2
+    params = d.params
+    before = [p.detach().clone() for p in params]
+    logs = d.accumulate(b, scale=scale)
+    got = [p.grad.clone() for p in params]
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, sign=sign)
+    g_g, guard, logits_b = _guard_by_hand(model, params, b, retain, alpha, sign=sign)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [scale * (a + lam * sum(cs) / trap_steps + mu * g) for a, g, *cs in zip(g_a, g_g, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    assert logs["guard_loss"] == pytest.approx(guard, rel=1e-5)
+    at_b = token_ce(logits_b, torch.where(retain["labels"] != -100, d.token, -100))
+    assert logs["collapse_loss_benign"] == pytest.approx(float(at_b), rel=1e-4)
+    # the guard really acts at a moved point: its gradient is not the alignment gradient at θ
+    diff = sum(float((x - y).norm()) for x, y in zip(g_g, g_a))
+    assert diff > 1e-3 * sum(float(x.norm()) for x in g_a)
+
+
+def test_benign_guard_in_the_amortized_cache():
+    model, tok = _model()
+    b = _batches(tok)
+    lam, mu, alpha = 0.5, 2.0, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, benign_guard=mu, trap_every=2)
+    assert d.passes_per_step == 1 + 4 / 2
+    d.accumulate(b, scale=1.0)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_c, _, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, 1)
+    g_g, _, _ = _guard_by_hand(model, d.params, b, retain, alpha)
+    for x, c, g in zip(d.cached_trap, g_c[0], g_g):
+        torch.testing.assert_close(x, lam * c + mu * g, rtol=1e-4, atol=1e-8)
+    cached = [g.clone() for g in d.cached_trap]
+    for p in d.params:
+        p.grad = None
+    logs = d.accumulate(b, scale=1.0)  # between refreshes: no guard passes, the cache is reused
+    assert "guard_loss" not in logs
+    g_a = _grads(model, d.params, d.lm_loss(retain))
+    for p, a, c in zip(d.params, g_a, cached):
+        torch.testing.assert_close(p.grad, a + c, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("value", [-0.1, "1", True])
+def test_bad_benign_guard_is_rejected(value):
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="benign_guard"):
+        CTRAPConfig(benign_guard=value)
+    with pytest.raises(ConfigError, match="second_order and benign_guard"):
+        CTRAPConfig(benign_guard=1.0, second_order=True)

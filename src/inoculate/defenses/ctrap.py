@@ -37,9 +37,17 @@ one step from θ: on SmolLM2 one real SGD step landed in the collapse and the ne
 θ, restored bit-exactly at the end); each direction is freed once applied. K = 1 is the code
 above, operation for operation.
 
+Deviation (off by default): `benign_guard=μ > 0` adds a selectivity term. One simulated benign
+step of the same kind and length as the (first) harmful one, θ_b = θ − α·ĝ_b with ĝ_b the
+gradient of the general batch, and μ·CE(θ_b; retain batch, its own labels): the model one benign
+step away must still refuse and answer, so the trap is asked not to catch a benign fine-tuning
+(first order: the gradient at θ_b is applied at θ). On SmolLM2 benign and harmful gradients had
+cosine 0.3-0.5 at the aligned model and a benign fine-tuning fell into the sign trap
+(docs/methods/ctrap-smollm2.md, round 5). 2 more passes per refresh.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
-θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); amortized, 1 + 2K/k on average.
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2; amortized, 1 + (2K [+ 2])/k on average.
 """
 from __future__ import annotations
 
@@ -84,9 +92,15 @@ class CTRAPConfig(DefenseConfig):
                                           "(m̂/√v̂ = g/|g|), so the trap guards the region an AdamW attacker "
                                           "steps into; with normalize, still of length α; not with second_order")
 
+    benign_guard: float = doc(0.0, "μ, DEVIATION from the paper/official code (0 = theirs): weight of a "
+                                   "selectivity term, the retain-batch CE after one simulated benign step "
+                                   "θ − α·ĝ_general of the same kind (step_direction) and length as the "
+                                   "harmful one, so that a benign fine-tuning does not fall into the trap; "
+                                   "2 more passes per refresh; not with second_order")
+
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
-    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction")
+    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -107,6 +121,11 @@ class CTRAPConfig(DefenseConfig):
         if self.second_order and self.step_direction != "gradient":
             raise ConfigError("ctrap.second_order and step_direction=sign do not combine (sign(g_h) has "
                               "zero derivative, so there is nothing to differentiate through)")
+        if isinstance(self.benign_guard, bool) or not isinstance(self.benign_guard, (int, float)) \
+                or not self.benign_guard >= 0:
+            raise ConfigError(f"ctrap.benign_guard must be a number >= 0, got {self.benign_guard!r}")
+        if self.second_order and self.benign_guard:
+            raise ConfigError("ctrap.second_order and benign_guard do not combine (the guard is first order)")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -140,10 +159,11 @@ class CTRAP(Defense):
 
     def __init__(self, config: CTRAPConfig, batch_size: int):
         super().__init__(config, batch_size)
+        refresh = 2 * config.trap_steps + (2 if config.benign_guard else 0)
         if config.trap_every > 1:
-            self.passes_per_step = 1 + 2 * config.trap_steps / config.trap_every  # mean over k micro-steps
-        elif config.trap_steps > 1:
-            self.passes_per_step = 1 + 2 * config.trap_steps
+            self.passes_per_step = 1 + refresh / config.trap_every  # mean over k micro-steps
+        elif refresh != 2:
+            self.passes_per_step = 1 + refresh
 
     def streams(self):
         c = self.config
@@ -201,8 +221,10 @@ class CTRAP(Defense):
             logs["harmful_loss"] = loss_h.item()
             del loss_h
             logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale))
+            if c.benign_guard:
+                logs.update(self._benign_guard(batches["general"], retain, scale))
         if c.trap_every > 1 and not c.second_order:
-            self.add_to_grad(self.cached_trap, scale * c.lambda_collapse)
+            self.add_to_grad(self.cached_trap, scale)
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
         logits, labels = self.answer_logits(retain)
         loss_a = token_ce(logits, labels)
@@ -233,7 +255,7 @@ class CTRAP(Defense):
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
         from θ_k, and θ is restored bit-exactly from the one saved copy at the end. Each collapse
         gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
-        (amortized mode) into the cache as the mean over the K points."""
+        (amortized mode) into the cache, which so holds λ times the mean over the K points."""
         c = self.config
         K = c.trap_steps
         collapse_losses, harmful_losses = [], []
@@ -252,20 +274,40 @@ class CTRAP(Defense):
                 else:
                     g_c = self.grads(loss_c)
                     if self.cached_trap is None:
-                        self.cached_trap = [g.detach() for g in g_c]
+                        self.cached_trap = [g.detach().mul_(c.lambda_collapse / K) for g in g_c]
                     else:
                         for acc, g in zip(self.cached_trap, g_c):
-                            acc.add_(g.detach())
+                            acc.add_(g.detach(), alpha=c.lambda_collapse / K)
                     del g_c
                 del loss_c
-        if K > 1 and self.cached_trap is not None:
-            for acc in self.cached_trap:
-                acc.div_(K)
         logs = {"collapse_loss": sum(collapse_losses) / K}
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
         return logs
+
+    def _benign_guard(self, general, retain, scale) -> dict:
+        """The selectivity term (benign_guard = μ > 0): μ·CE(θ_b; retain batch), θ_b = θ − α·ĝ_b one
+        simulated step along the general batch's gradient (or its sign), first order like the trap
+        term; into p.grad, or (amortized mode) into the cached trap gradient. Logs the term and, as
+        a monitor of selectivity, the collapse loss at θ_b (it should stay high)."""
+        c = self.config
+        loss_b = self.lm_loss(general)
+        direction, step = self.simulated_step(self.grads(loss_b))
+        del loss_b
+        with self.moved(direction, step, release=True):
+            logits, labels = self.answer_logits(retain)
+            loss_g = token_ce(logits, labels)
+            if c.trap_every == 1:
+                self.backward(loss_g, scale * c.benign_guard)
+            else:
+                for acc, g in zip(self.cached_trap, self.grads(loss_g)):
+                    acc.add_(g.detach(), alpha=c.benign_guard)
+            guard = loss_g.item()
+            del loss_g
+            with torch.no_grad():
+                at_benign = self._collapse_at_theta(logits.detach(), labels, guard)
+        return {"guard_loss": guard, "collapse_loss_benign": at_benign}
 
     def _step_further(self, direction: list, step: float) -> None:
         """θ += step·direction in place inside an active `moved` (which restores θ at its end);
