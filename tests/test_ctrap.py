@@ -244,6 +244,15 @@ def _fwd(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def _accumulate_restored(d, b, scale=1.0):
+    """One accumulate; asserts that every parameter is bit-identical afterwards (all moves
+    restored) and returns the logs and the gradient it left in p.grad."""
+    before = [p.detach().clone() for p in d.params]
+    logs = d.accumulate(b, scale=scale)
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    return logs, [p.grad.clone() for p in d.params]
+
+
 def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False):
     """The passes of K simulated steps written out: returns the collapse gradients and losses at
     θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end. `sign` moves along
@@ -306,11 +315,7 @@ def test_two_trap_steps_gradient_matches_the_passes_by_hand(lora, normalize, col
                  collapse_data=collapse_data, trap_steps=2)
     assert d.passes_per_step == 5
     params = d.params
-    before = [p.detach().clone() for p in params]
-    logs = d.accumulate(b, scale=scale)
-    got = [p.grad.clone() for p in params]
-    # every parameter is bit-identical after the two moves and the restore
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    logs, got = _accumulate_restored(d, b, scale)  # θ bit-identical after the two moves
 
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     trap = retain if collapse_data == "retain" else b["general"]
@@ -495,10 +500,7 @@ def test_sign_step_gradient_matches_the_passes_by_hand(lora, trap_steps, normali
     d = _defense(model, tok, alpha=alpha, lambda_collapse=0.3, step_direction="sign",
                  trap_steps=trap_steps, normalize=normalize)
     params = d.params
-    before = [p.detach().clone() for p in params]
-    d.accumulate(b, scale=1.0)
-    got = [p.grad.clone() for p in params]
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    _, got = _accumulate_restored(d, b)
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps,
                                     normalize=normalize, sign=True)
@@ -554,10 +556,7 @@ def test_benign_guard_gradient_matches_the_passes_by_hand(lora, sign, trap_steps
                  step_direction="sign" if sign else "gradient")
     assert d.passes_per_step == 1 + 2 * trap_steps + 2
     params = d.params
-    before = [p.detach().clone() for p in params]
-    logs = d.accumulate(b, scale=scale)
-    got = [p.grad.clone() for p in params]
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    logs, got = _accumulate_restored(d, b, scale)
 
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, sign=sign)
