@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
+import math
 
 import pytest
 import torch
@@ -317,6 +318,7 @@ def test_total_gradient_is_sum_of_three_parts(lora):
     assert logs["loss_ul"] == pytest.approx(float(loss_ul), rel=1e-5)
     assert logs["loss_up"] == pytest.approx(float(loss_up), rel=1e-5)
     assert logs["cos_sd"] == pytest.approx(float(cos), rel=1e-4)
+    assert logs["sd_grad_norm"] == pytest.approx(math.sqrt(sum(float((s * s).sum()) for s in g_sd)), rel=1e-4)
     assert logs["total"] == pytest.approx(float(loss_ul) + alpha * float(loss_up) + beta * float(cos), rel=1e-5)
 
 

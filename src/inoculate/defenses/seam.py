@@ -301,6 +301,7 @@ class SEAM(Defense):
             return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), "s_ul": s.item()}
         self.cached_sd = None  # the old cache goes before the new one is built
         sd_grad, logs = self.self_destruct_grad(harmful, batches["benign"])   # Steps 3-6
+        logs["sd_grad_norm"] = float(global_norm(sd_grad))  # ‖∇L_sd‖, before β: is it what moves θ?
         self.add_to_grad(sd_grad, scale * c.beta)
         if k > 1:
             self.cached_sd = sd_grad
