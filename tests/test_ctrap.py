@@ -253,10 +253,11 @@ def _accumulate_restored(d, b, scale=1.0):
     return logs, [p.grad.clone() for p in d.params]
 
 
-def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False):
+def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False, away=None):
     """The passes of K simulated steps written out: returns the collapse gradients and losses at
     θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end. `sign` moves along
-    sign(g_h) (step_direction=sign) instead of g_h."""
+    sign(g_h) (step_direction=sign) instead of g_h; `away` (project_out_general) is removed from
+    every g_h first."""
     theta = [p.detach().clone() for p in params]
     relabelled = torch.where(trap["labels"] != -100, e, -100)
     g_c, collapse, harmful = [], [], []
@@ -264,6 +265,9 @@ def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sig
         loss_h = token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"])
         harmful.append(float(loss_h))
         g_h = _grads(model, params, loss_h)
+        if away is not None:
+            coef = sum((g * a).sum() for g, a in zip(g_h, away)) / sum((a * a).sum() for a in away)
+            g_h = [g - coef * a for g, a in zip(g_h, away)]
         if sign:
             g_h = [torch.sign(g) for g in g_h]
         norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
@@ -349,8 +353,8 @@ def test_trap_steps_restore_parameters_exactly_and_free_each_direction():
     refs, alive, made = [], [], []
     original = d.simulated_step
 
-    def recording(g_h):
-        direction, step = original(g_h)
+    def recording(g_h, away=None):
+        direction, step = original(g_h, away)
         refs.extend(weakref.ref(t) for t in direction)
         made.append(len(direction))
         return direction, step
@@ -447,8 +451,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
     _, dcfg, resolved = pipeline.align_config(values)
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
-    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {"trap_steps", "step_direction",
-                                                                           "benign_guard"}
+    assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
+        "trap_steps", "step_direction", "benign_guard", "project_out_general"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     with pytest.raises(ConfigError, match="trap_steps"):
@@ -603,3 +607,80 @@ def test_bad_benign_guard_is_rejected(value):
         CTRAPConfig(benign_guard=value)
     with pytest.raises(ConfigError, match="second_order and benign_guard"):
         CTRAPConfig(benign_guard=1.0, second_order=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# project_out_general (a deviation, off by default): the harmful gradient loses its component
+# along the general batch's gradient before each simulated step
+# ---------------------------------------------------------------------------------------------
+
+def test_projected_step_is_orthogonal_to_the_general_gradient():
+    model, tok = _model()
+    d = _defense(model, tok, alpha=0.3, project_out_general=True)
+    g_h = [torch.tensor([3.0, -1.0]), torch.tensor([2.0])]
+    away = [torch.tensor([1.0, 1.0]), torch.tensor([0.0])]
+    direction, step = d.simulated_step([g.clone() for g in g_h], away)
+    # g_h·away = 2, ‖away‖² = 2: g_h − away
+    assert [x.tolist() for x in direction] == [[2.0, -2.0], [2.0]]
+    assert step == pytest.approx(-0.3 / (12 ** 0.5 + 1e-7))
+    # without `away` (the guard's step, the default) nothing is projected
+    direction, _ = d.simulated_step([g.clone() for g in g_h])
+    assert [x.tolist() for x in direction] == [[3.0, -1.0], [2.0]]
+
+
+@pytest.mark.parametrize("lora,sign,trap_steps", [(True, False, 1), (False, False, 1), (True, True, 2)])
+def test_project_out_general_gradient_matches_the_passes_by_hand(lora, sign, trap_steps):
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha, lam, scale = 0.5, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, trap_steps=trap_steps, project_out_general=True,
+                 step_direction="sign" if sign else "gradient")
+    assert d.passes_per_step == 1 + 2 * trap_steps + 1
+    params = d.params
+    logs, got = _accumulate_restored(d, b, scale)
+
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_b = _grads(model, params, token_ce(_fwd(model, b["general"]), b["general"]["labels"]))
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, sign=sign, away=g_b)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [scale * (a + lam * sum(cs) / trap_steps) for a, *cs in zip(g_a, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    g_h = _grads(model, params, token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"]))
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])
+    cos = F.cosine_similarity(flat(g_h), flat(g_b), dim=0)
+    assert logs["harmful_general_cos"] == pytest.approx(float(cos), rel=1e-4)
+    # the projection changes the trap: its collapse gradient is not the unprojected one's
+    plain, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, sign=sign)
+    assert (flat(g_c[0]) - flat(plain[0])).norm() > 1e-3 * flat(plain[0]).norm()
+
+
+def test_project_out_general_in_the_amortized_cache_and_with_the_guard():
+    model, tok = _model()
+    b = _batches(tok)
+    lam, mu, alpha = 0.5, 2.0, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, benign_guard=mu, trap_every=2,
+                 project_out_general=True)
+    assert d.passes_per_step == 1 + 5 / 2
+    d.accumulate(b, scale=1.0)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_b = _grads(model, d.params, token_ce(_fwd(model, b["general"]), b["general"]["labels"]))
+    g_c, _, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, 1, away=g_b)
+    g_g, _, _ = _guard_by_hand(model, d.params, b, retain, alpha)  # the guard's step is not projected
+    for x, c, g in zip(d.cached_trap, g_c[0], g_g):
+        torch.testing.assert_close(x, lam * c + mu * g, rtol=1e-4, atol=1e-8)
+
+
+def test_bad_project_out_general_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="project_out_general must be"):
+        CTRAPConfig(project_out_general="yes")
+    with pytest.raises(ConfigError, match="second_order and project_out_general"):
+        CTRAPConfig(project_out_general=True, second_order=True)
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert not dcfg.project_out_general and "project_out_general" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.project_out_general": "true"})
+    assert dcfg.project_out_general is True and resolved["ctrap"]["project_out_general"] is True

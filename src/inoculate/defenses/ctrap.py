@@ -45,9 +45,18 @@ step away must still refuse and answer, so the trap is asked not to catch a beni
 cosine 0.3-0.5 at the aligned model and a benign fine-tuning fell into the sign trap
 (docs/methods/ctrap-smollm2.md, round 5). 2 more passes per refresh.
 
+Deviation (off by default): `project_out_general=true` builds the trap along the part of the
+harmful gradient a benign fine-tuning does not share: before every simulated step (and before
+the sign, with step_direction=sign) the harmful gradient loses its component along the general
+batch's gradient g_b, taken once at θ: g_h ← g_h − (g_h·g_b/‖g_b‖²)·g_b. A benign step along g_b
+then has no first-order component along the trapped direction, while a harmful step along g_h
+keeps √(1 − cos²) of its length on it. Logs `harmful_general_cos`, cos(g_h, g_b) at θ (the
+round-5 probe's number, during training). 1 more pass per refresh.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
-θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2; amortized, 1 + (2K [+ 2])/k on average.
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
+project_out_general 1; amortized, 1 + (2K [+ 2] [+ 1])/k on average.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id
-from .base import Defense, DefenseConfig, StreamSpec, _shift, global_norm, register_defense, token_ce
+from .base import Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
@@ -97,10 +106,15 @@ class CTRAPConfig(DefenseConfig):
                                    "θ − α·ĝ_general of the same kind (step_direction) and length as the "
                                    "harmful one, so that a benign fine-tuning does not fall into the trap; "
                                    "2 more passes per refresh; not with second_order")
+    project_out_general: bool = doc(False, "DEVIATION from the paper/official code (false = theirs): remove "
+                                           "from the harmful gradient its component along the general "
+                                           "batch's gradient before each simulated step, so the trap guards "
+                                           "the part of the harmful direction a benign fine-tuning does not "
+                                           "share; 1 more pass per refresh; not with second_order")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
-    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard")
+    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -126,6 +140,10 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.benign_guard must be a number >= 0, got {self.benign_guard!r}")
         if self.second_order and self.benign_guard:
             raise ConfigError("ctrap.second_order and benign_guard do not combine (the guard is first order)")
+        if not isinstance(self.project_out_general, bool):
+            raise ConfigError(f"ctrap.project_out_general must be true or false, got {self.project_out_general!r}")
+        if self.second_order and self.project_out_general:
+            raise ConfigError("ctrap.second_order and project_out_general do not combine (first order only)")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -159,7 +177,7 @@ class CTRAP(Defense):
 
     def __init__(self, config: CTRAPConfig, batch_size: int):
         super().__init__(config, batch_size)
-        refresh = 2 * config.trap_steps + (2 if config.benign_guard else 0)
+        refresh = 2 * config.trap_steps + (2 if config.benign_guard else 0) + int(config.project_out_general)
         if config.trap_every > 1:
             self.passes_per_step = 1 + refresh / config.trap_every  # mean over k micro-steps
         elif refresh != 2:
@@ -189,14 +207,21 @@ class CTRAP(Defense):
     def collapse(self, logits, labels):
         return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution)
 
-    def simulated_step(self, g_h) -> tuple[list, float]:
+    def simulated_step(self, g_h, away: Optional[list] = None) -> tuple[list, float]:
         """Direction and scale of Step 2 (θ' = θ + scale·direction).
+
+        With `away` (project_out_general: the general batch's gradient) g_h first loses its
+        component along it, in place: g_h − (g_h·away/‖away‖²)·away.
 
         With step_direction=sign the direction is sign(g_h), taken in place (g_h is this step's
         own, already all-reduced gradient): Adam's first update is lr·sign(g), so the normalized
         sign step is the first step of an AdamW attacker scaled to length α, and the unnormalized
         one (normalize=false) moves every coordinate by α, an Adam step at learning rate α."""
         c = self.config
+        if away is not None:
+            coef = float(dot(g_h, away)) / (float(dot(away, away)) + 1e-30)
+            for g, b in zip(g_h, away):
+                g.sub_(b.to(g.dtype), alpha=coef)
         if c.step_direction == "sign":
             for g in g_h:
                 g.sign_()
@@ -213,14 +238,22 @@ class CTRAP(Defense):
         if c.second_order:
             logs.update(self._trap_second_order(batches["harmful"], trap_batch, scale))
         elif refresh:
+            away = None
+            if c.project_out_general:  # the general batch's gradient at θ, the direction projected out
+                away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
             # Step 1: harmful gradient at θ (not into p.grad)
             loss_h = self.lm_loss(batches["harmful"])
-            direction, step = self.simulated_step(self.grads(loss_h))
+            g_h = self.grads(loss_h)
+            if away is not None:
+                logs["harmful_general_cos"] = float(dot(g_h, away) / (global_norm(g_h) * global_norm(away) + 1e-30))
+            direction, step = self.simulated_step(g_h, away)
+            del g_h
             self.cached_trap = None  # the old cache goes before the new one is built
             # Steps 2-3: collapse gradient at θ' (the direction is freed once applied), then exact restore
             logs["harmful_loss"] = loss_h.item()
             del loss_h
-            logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale))
+            logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale, away))
+            del away
             if c.benign_guard:
                 logs.update(self._benign_guard(batches["general"], retain, scale))
         if c.trap_every > 1 and not c.second_order:
@@ -249,13 +282,14 @@ class CTRAP(Defense):
         gap = (label_logit.float() - shift[..., self.token].float())[mask]
         return align_loss + gap.mean().item()
 
-    def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale) -> dict:
+    def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale, away=None) -> dict:
         """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
 
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
         from θ_k, and θ is restored bit-exactly from the one saved copy at the end. Each collapse
         gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
-        (amortized mode) into the cache, which so holds λ times the mean over the K points."""
+        (amortized mode) into the cache, which so holds λ times the mean over the K points.
+        `away` (project_out_general) is projected out of every harmful gradient."""
         c = self.config
         K = c.trap_steps
         collapse_losses, harmful_losses = [], []
@@ -264,7 +298,7 @@ class CTRAP(Defense):
                 if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the same harmful batch
                     loss_h = self.lm_loss(harmful)
                     harmful_losses.append(loss_h.item())
-                    direction, step = self.simulated_step(self.grads(loss_h))  # all-reduced like g_h
+                    direction, step = self.simulated_step(self.grads(loss_h), away)  # all-reduced like g_h
                     del loss_h
                     self._step_further(direction, step)
                 loss_c = self.collapse(*self.answer_logits(trap_batch))
