@@ -51,12 +51,14 @@ the sign, with step_direction=sign) the harmful gradient loses its component alo
 batch's gradient g_b, taken once at θ: g_h ← g_h − (g_h·g_b/‖g_b‖²)·g_b. A benign step along g_b
 then has no first-order component along the trapped direction, while a harmful step along g_h
 keeps √(1 − cos²) of its length on it. Logs `harmful_general_cos`, cos(g_h, g_b) at θ (the
-round-5 probe's number, during training). 1 more pass per refresh.
+round-5 probe's number, during training). 1 more pass per refresh (none with benign_guard, which
+then takes g_b from it).
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
-project_out_general 1; amortized, 1 + (2K [+ 2] [+ 1])/k on average.
+project_out_general 1 (none more with benign_guard, whose general-gradient pass it shares);
+amortized, 1 + (2K [+ 2 | + 1])/k on average.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class CTRAPConfig(DefenseConfig):
                                            "from the harmful gradient its component along the general "
                                            "batch's gradient before each simulated step, so the trap guards "
                                            "the part of the harmful direction a benign fine-tuning does not "
-                                           "share; 1 more pass per refresh; not with second_order")
+                                           "share; 1 more pass per refresh (shared with benign_guard's); not with second_order")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -177,7 +179,8 @@ class CTRAP(Defense):
 
     def __init__(self, config: CTRAPConfig, batch_size: int):
         super().__init__(config, batch_size)
-        refresh = 2 * config.trap_steps + (2 if config.benign_guard else 0) + int(config.project_out_general)
+        # the guard's general-gradient pass is the projection's when both are on
+        refresh = 2 * config.trap_steps + (2 if config.benign_guard else int(config.project_out_general))
         if config.trap_every > 1:
             self.passes_per_step = 1 + refresh / config.trap_every  # mean over k micro-steps
         elif refresh != 2:
@@ -253,9 +256,9 @@ class CTRAP(Defense):
             logs["harmful_loss"] = loss_h.item()
             del loss_h
             logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale, away))
+            if c.benign_guard:  # reuses the general gradient at θ when the projection took it
+                logs.update(self._benign_guard(batches["general"], retain, scale, g_b=away))
             del away
-            if c.benign_guard:
-                logs.update(self._benign_guard(batches["general"], retain, scale))
         if c.trap_every > 1 and not c.second_order:
             self.add_to_grad(self.cached_trap, scale)
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
@@ -320,15 +323,18 @@ class CTRAP(Defense):
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
         return logs
 
-    def _benign_guard(self, general, retain, scale) -> dict:
+    def _benign_guard(self, general, retain, scale, g_b: Optional[list] = None) -> dict:
         """The selectivity term (benign_guard = μ > 0): μ·CE(θ_b; retain batch), θ_b = θ − α·ĝ_b one
         simulated step along the general batch's gradient (or its sign), first order like the trap
         term; into p.grad, or (amortized mode) into the cached trap gradient. Logs the term and, as
-        a monitor of selectivity, the collapse loss at θ_b (it should stay high)."""
+        a monitor of selectivity, the collapse loss at θ_b (it should stay high). `g_b`, the general
+        batch's gradient at θ if already taken (project_out_general), saves its pass; it is
+        consumed (turned into the step's direction in place)."""
         c = self.config
-        loss_b = self.lm_loss(general)
-        direction, step = self.simulated_step(self.grads(loss_b))
-        del loss_b
+        if g_b is None:
+            g_b = self.grads(self.lm_loss(general))
+        direction, step = self.simulated_step(g_b)
+        del g_b
         with self.moved(direction, step, release=True):
             logits, labels = self.answer_logits(retain)
             loss_g = token_ce(logits, labels)
