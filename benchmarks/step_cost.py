@@ -6,9 +6,9 @@
     python benchmarks/step_cost.py --model tiny-llama --defenses ctrap,booster,seam --amortized 4 --equal-batch
 
 Prints one JSON object per defense: seconds_per_step, peak_memory_mb, time_ratio_vs_sft,
-memory_ratio_vs_sft, plus the device, step_seconds (the wall time of each timed step, which
-separates an amortized mode's refresh steps from the others), and cpu_seconds_per_step /
-cpu_time_ratio_vs_sft (process CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read
+memory_ratio_vs_sft, plus the device, weights_dtype (the base weights as loaded: --dtype),
+step_seconds (the wall time of each timed step, which separates an amortized mode's refresh
+steps from the others), and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read
 this ratio, which other processes do not inflate). Each defense runs in its own subprocess so that peak
 memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated during the timed steps,
 on CPU the peak resident set size of the process (model, data and Python included, so CPU
@@ -85,7 +85,7 @@ def worker(args) -> dict:
 
     values = {"defense": args.worker, "model": args.model, "data": args.data, "max_length": args.max_length,
               "per_device_train_batch_size": args.batch_size, "lora": not args.full,
-              "num_samples": 100, "num_general_samples": 99, "bf16": args.bf16,
+              "num_samples": 100, "num_general_samples": 99, "bf16": args.bf16, "dtype": args.dtype,
               **parse_overrides(args.set or [])}
     cfg, dcfg, _ = align_config(values)
     device = pick_device(cfg.device)
@@ -155,6 +155,7 @@ def worker(args) -> dict:
     return {"seconds_per_step": (time.perf_counter() - t0) / args.steps, "cpu_seconds_per_step": cpu,
             "peak_memory_mb": peak, "step_seconds": each,
             "device": name, "passes_per_step": defense.passes_per_step,
+            "weights_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
             "trainable_parameters": sum(p.numel() for p in params)}
 
 
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--full", action="store_true", help="full-parameter instead of LoRA")
     parser.add_argument("--bf16", default="auto")
+    parser.add_argument("--dtype", default="float32",
+                        help="dtype of the base weights for every row (LoRA on a large model: bfloat16)")
     parser.add_argument("--set", nargs="*", help="extra config overrides, e.g. ctrap.trap_every=4")
     parser.add_argument("--label", default=None, help="name for the extra row run with --set (compared to sft)")
     parser.add_argument("--amortized", type=int, default=0, metavar="K",
@@ -200,7 +203,7 @@ def main() -> None:
     def measure(name, extra, sft_streams=None):
         cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--data", args.data,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--bf16", args.bf16]
+               "--max-length", str(args.max_length), "--bf16", args.bf16, "--dtype", args.dtype]
         if args.full:
             cmd.append("--full")
         if sft_streams:
@@ -219,7 +222,7 @@ def main() -> None:
 
     def common(extra, batch_size):
         return {"model": args.model, "overrides": extra, "batch_size": batch_size,
-                "max_length": args.max_length, "mode": "full" if args.full else "lora"}
+                "max_length": args.max_length, "mode": "full" if args.full else "lora", "dtype": args.dtype}
 
     base = None
     references = {}  # equal-batch SFT references by their streams

@@ -44,3 +44,35 @@ def test_eval_throughput_rows():
     assert batched["speedup_vs_one_at_a_time"] == pytest.approx(
         batched["prompts_per_second"] / loop["prompts_per_second"])
     assert 0 <= batched["identical_answers"] <= 5
+
+
+def test_step_cost_dtype_reaches_every_row():
+    """--dtype loads the base weights of every row (SFT's too) in that dtype."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "tiny-llama",
+                          "--defenses", "ctrap", "--steps", "1", "--max-length", "64", "--dtype", "bfloat16",
+                          "--bf16", "false"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["defense"] for r in rows] == ["sft", "ctrap"]
+    assert all(r["weights_dtype"] == "bfloat16" and r["dtype"] == "bfloat16" for r in rows)
+
+
+@pytest.mark.embedded
+def test_shaped_model_has_the_named_shape(tmp_path):
+    """benchmarks/shaped_model.py writes a loadable random model with the published layer shape."""
+    from transformers import AutoConfig
+
+    from inoculate.models import embedded_model_dir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shaped_model.py"), "--shape", "smollm2-135m",
+                    "--out", str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=600, check=True)
+    made, real = AutoConfig.from_pretrained(tmp_path / "m"), AutoConfig.from_pretrained(embedded_model_dir())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert getattr(made, key) == getattr(real, key), key
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
