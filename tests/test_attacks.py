@@ -501,3 +501,39 @@ def test_gpus_flag_rejects_repeated_ids(tmp_path):
     path.write_text(yaml.safe_dump(_fanout_spec(tmp_path / "fan", ["harmful"]), sort_keys=False))
     result = CliRunner().invoke(main, ["run", str(path), "--gpus", "0,0"])
     assert result.exit_code == 2 and "--gpus must list distinct GPU ids" in result.stderr
+
+
+def test_workers_per_gpu_runs_groups_side_by_side_on_one_gpu(tmp_path):
+    """--gpus 0 --workers-per-gpu 2: two worker processes, both pinned to GPU 0, run the two
+    defense groups at the same time (the stand-in runner waits until both have started)."""
+    path = tmp_path / "fan.yaml"
+    path.write_text(yaml.safe_dump(_fanout_spec(tmp_path / "fan", {"harmful": {"samples": 4}}), sort_keys=False))
+    out = run_experiment(str(path), gpus=["0"], workers_per_gpu=2, runner=record_pid_runner)
+    rows = read_results(out)
+    assert {r["seen_gpu"] for r in rows} == {"0"}
+    by_defense = {d: {r["pid"] for r in rows if r["defense"] == d} for d in ("sft", "ctrap")}
+    assert all(len(v) == 1 for v in by_defense.values()), "a group stays in one worker"
+    assert by_defense["sft"] != by_defense["ctrap"], "the two groups ran in two workers"
+    assert len(list(out.glob("started-*"))) == 2
+
+
+def record_pid_runner(cell, out, progress):
+    """Like record_env_runner, but marks each worker process (not each GPU) as started, since
+    both workers share one GPU id."""
+    Path(out, f"started-{os.getpid()}").touch()
+    deadline = time.time() + 60
+    while len(list(Path(out).glob("started-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    return {"defense": cell.defense, "attack": cell.attack, "seed": cell.seed, "pid": os.getpid(),
+            "seen_gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "harmful_score": 0.0}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0", "--workers-per-gpu", "0"], "--workers-per-gpu must be a whole number >= 1"),
+    (["--workers-per-gpu", "2"], "--workers-per-gpu needs --gpus"),
+])
+def test_workers_per_gpu_bad_values(tmp_path, args, message):
+    path = tmp_path / "fan.yaml"
+    path.write_text(yaml.safe_dump(_fanout_spec(tmp_path / "fan", ["harmful"]), sort_keys=False))
+    result = CliRunner().invoke(main, ["run", str(path), *args])
+    assert result.exit_code == 2 and message in result.stderr

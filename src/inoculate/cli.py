@@ -171,6 +171,8 @@ def evaluate(model, suite, data, judge, out, config, sets, overwrite, data_dir, 
 @click.option("--only", default=None, help="run only the cells whose key (defense/sSEED/attack) contains this")
 @click.option("--gpus", default=None,
               help="comma list of GPU ids (0,1): run defense groups concurrently, one process per GPU")
+@click.option("--workers-per-gpu", "workers_per_gpu", type=int, default=1, show_default=True,
+              help="with --gpus: worker processes per GPU (small models leave a GPU mostly idle)")
 @click.option("--cluster", default=None, metavar="slurm|local|debug",
               help="submit one submitit job per defense group (parameters: the file's `cluster` mapping)")
 @click.option("--data-dir", "data_dir", default=None,
@@ -178,12 +180,12 @@ def evaluate(model, suite, data, judge, out, config, sets, overwrite, data_dir, 
 @click.option("--dry-run", "dry_run", is_flag=True,
               help="print the cells and what each one runs, validate the configs, run nothing")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def run_(experiment, only, gpus, cluster, data_dir, dry_run, quiet):
+def run_(experiment, only, gpus, workers_per_gpu, cluster, data_dir, dry_run, quiet):
     """Run an experiment grid (defenses x attacks x seeds), then write its report.
 
     Finished stages are reused and a killed run resumes: rerun the same command. With --gpus,
     the cells of different (defense, seed) groups run at the same time, one worker process per
-    GPU (CUDA_VISIBLE_DEVICES set to its id); with --cluster slurm, one Slurm job per group
+    GPU (CUDA_VISIBLE_DEVICES set to its id; --workers-per-gpu N: N per GPU); with --cluster slurm, one Slurm job per group
     (submitit; `local` runs the jobs as local processes, `debug` in this process); without
     either, one cell after another."""
     from .experiment import describe, expand, load_experiment, read_results, run_experiment
@@ -198,7 +200,8 @@ def run_(experiment, only, gpus, cluster, data_dir, dry_run, quiet):
         return
     gpu_ids = None if gpus is None else [g.strip() for g in gpus.split(",")]
     out = _run_guarded(lambda: run_experiment(experiment, progress=not quiet, only=only, gpus=gpu_ids,
-                                              cluster=cluster, data_dir=data_dir))
+                                              cluster=cluster, data_dir=data_dir,
+                                              workers_per_gpu=workers_per_gpu))
     report = write_report(out)
     click.echo(summary_table(read_results(out)))
     click.echo(f"\nresults: {out / 'results.jsonl'}\nreport:  {report}")

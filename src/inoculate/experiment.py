@@ -307,11 +307,11 @@ def _slug(text: str) -> str:
 
 def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
                    gpus: Optional[list[str]] = None, runner=None, data_dir: Optional[str] = None,
-                   cluster: Optional[str] = None) -> Path:
+                   cluster: Optional[str] = None, workers_per_gpu: int = 1) -> Path:
     """Run every cell (reusing finished stages) and write OUT/results.jsonl.
 
-    gpus: run (defense, seed) groups concurrently, one worker process per GPU id (see
-    run_parallel). cluster: "slurm", "local" or "debug": one submitit job per group (see
+    gpus: run (defense, seed) groups concurrently, workers_per_gpu worker processes per GPU id
+    (see run_parallel). cluster: "slurm", "local" or "debug": one submitit job per group (see
     run_cluster). Neither: the cells run one after another here. runner: the function that runs
     one cell (default run_cell; a module-level function when gpus are given). data_dir: read
     every source from this folder (replaces the file's data_dir)."""
@@ -320,13 +320,15 @@ def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
     if gpus is not None and cluster is not None:
         raise ConfigError("--gpus and --cluster do not combine: with --cluster every job gets its GPU "
                           "from the cluster (gpus_per_node in the file's `cluster` mapping)")
+    if workers_per_gpu != 1 and gpus is None:
+        raise ConfigError("--workers-per-gpu needs --gpus (it sets how many workers share each listed GPU)")
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(out / "experiment.yaml", yaml.safe_dump(spec, sort_keys=False))
     runner = runner or run_cell
     selected = [(i, c) for i, c in enumerate(cells) if not only or only in c.key]
     if gpus is not None:
-        run_parallel(selected, out, gpus, runner)
+        run_parallel(selected, out, gpus, runner, workers_per_gpu=workers_per_gpu)
         return out
     if cluster is not None:
         run_cluster(selected, out, cluster, spec.get("cluster") or {}, runner, name=spec["name"])
@@ -400,23 +402,29 @@ def _pin_gpu(free_gpus, level: int) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s gpu{gpu} %(levelname)s %(name)s: %(message)s")
 
 
-def run_parallel(selected: list, out: Path, gpus: list[str], runner=None) -> None:
+def run_parallel(selected: list, out: Path, gpus: list[str], runner=None, workers_per_gpu: int = 1) -> None:
     """Run (index, cell) pairs by (defense, seed) group (see run_groups) on a
-    ProcessPoolExecutor of len(gpus) workers, which hands groups to whichever worker is free;
-    each worker pins CUDA_VISIBLE_DEVICES to its own GPU id when it starts."""
+    ProcessPoolExecutor of len(gpus) x workers_per_gpu workers, which hands groups to whichever
+    worker is free; each worker pins CUDA_VISIBLE_DEVICES to its GPU id when it starts. Several
+    workers per GPU pay off where a step is bound by per-step overhead rather than by the GPU's
+    arithmetic (small models: docs/benchmarks.md, "On a GPU")."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     gpus = [str(g).strip() for g in gpus]
     if not gpus or any(not g for g in gpus) or len(set(gpus)) != len(gpus):
-        raise ConfigError(f"--gpus must list distinct GPU ids, e.g. 0,1; got {','.join(gpus)!r}")
+        raise ConfigError(f"--gpus must list distinct GPU ids, e.g. 0,1 (several workers on one GPU: "
+                          f"--workers-per-gpu); got {','.join(gpus)!r}")
+    if isinstance(workers_per_gpu, bool) or not isinstance(workers_per_gpu, int) or workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu must be a whole number >= 1; got {workers_per_gpu!r}")
     runner = runner or run_cell
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     free = ctx.Queue()
     for g in gpus:
-        free.put(g)
-    log.info("GPUs %s", ",".join(gpus))
-    with ProcessPoolExecutor(max_workers=len(gpus), mp_context=ctx, initializer=_pin_gpu,
+        for _ in range(workers_per_gpu):
+            free.put(g)
+    log.info("GPUs %s, %d worker(s) each", ",".join(gpus), workers_per_gpu)
+    with ProcessPoolExecutor(max_workers=len(gpus) * workers_per_gpu, mp_context=ctx, initializer=_pin_gpu,
                              initargs=(free, logging.getLogger().getEffectiveLevel())) as pool:
         run_groups(selected, out, lambda cells: pool.submit(_run_group, cells, out, runner), as_completed)
 
