@@ -8,11 +8,13 @@
 Prints one JSON object per defense: seconds_per_step, peak_memory_mb, time_ratio_vs_sft,
 memory_ratio_vs_sft, plus the device, weights_dtype (the base weights as loaded: --dtype),
 step_seconds (the wall time of each timed step, which separates an amortized mode's refresh
-steps from the others), and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process CPU time: on a shared CPU, run with OMP_NUM_THREADS=1 and read
-this ratio, which other processes do not inflate). Each defense runs in its own subprocess so that peak
-memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated during the timed steps,
-on CPU the peak resident set size of the process (model, data and Python included, so CPU
-memory ratios understate the difference in training state). Same model, data, batch size and
+steps from the others), and cpu_seconds_per_step / cpu_time_ratio_vs_sft (process CPU time:
+on a shared CPU, run with OMP_NUM_THREADS=1 and read this ratio, which other processes do not
+inflate); with --profile, operators_per_step and casts_per_step (count_operators). Each
+defense runs in its own subprocess so that peak memory is its own: on CUDA the peak of
+torch.cuda.max_memory_allocated during the timed steps, on CPU the peak resident set size of
+the process (model, data and Python included, so CPU memory ratios understate the difference
+in training state). Same model, data, batch size and
 sequence length for every defense; the first step is a warm-up and is not timed. The
 timed steps cover --steps micro-steps, so for an amortized row pick --steps as a multiple of k
 (the warm-up step is a refresh, the timed ones start a new cycle).
@@ -152,11 +154,29 @@ def worker(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         name = f"cpu ({torch.get_num_threads()} threads)"
-    return {"seconds_per_step": (time.perf_counter() - t0) / args.steps, "cpu_seconds_per_step": cpu,
-            "peak_memory_mb": peak, "step_seconds": each,
-            "device": name, "passes_per_step": defense.passes_per_step,
-            "weights_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-            "trainable_parameters": sum(p.numel() for p in params)}
+    row = {"seconds_per_step": (time.perf_counter() - t0) / args.steps, "cpu_seconds_per_step": cpu,
+           "peak_memory_mb": peak, "step_seconds": each,
+           "device": name, "passes_per_step": defense.passes_per_step,
+           "weights_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+           "trainable_parameters": sum(p.numel() for p in params)}
+    if args.profile:
+        row.update(count_operators(step))
+    return row
+
+
+def count_operators(step) -> dict:
+    """Operators one more step dispatches (torch.profiler, after the timed steps): those called
+    from Python or autograd (an operator inside another, e.g. the mm inside a linear, is not
+    counted again), and the dtype casts among all of them. Where a step is bound by per-step
+    overhead (small models on a GPU), these counts, not the arithmetic, set its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    outer = [e for e in ops if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    return {"operators_per_step": len(outer),
+            "casts_per_step": sum(e.name == "aten::_to_copy" for e in ops)}
 
 
 def main() -> None:
@@ -179,6 +199,9 @@ def main() -> None:
     parser.add_argument("--equal-batch", action="store_true",
                         help="also compare with SFT on as many examples per step as the defense's retain "
                              "batch (CTRAP: alignment + general batch)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also count the operators one more step dispatches (operators_per_step, "
+                             "casts_per_step; torch.profiler, untimed)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sft-streams", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,6 +227,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--data", args.data,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--bf16", args.bf16, "--dtype", args.dtype]
+        if args.profile:
+            cmd.append("--profile")
         if args.full:
             cmd.append("--full")
         if sft_streams:

@@ -76,3 +76,20 @@ def test_shaped_model_has_the_named_shape(tmp_path):
 
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+
+
+def test_step_cost_profile_counts_operators_and_autocast_casts():
+    """--profile counts the operators of one step: CTRAP's three passes dispatch more than SFT's
+    one, and bf16 autocast over fp32 weights adds casts that the same step without it lacks."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for bf16 in ("true", "false"):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--model", "tiny-llama",
+                              "--defenses", "ctrap", "--steps", "1", "--max-length", "64", "--bf16", bf16,
+                              "--profile"],
+                             capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+        rows[bf16] = {r["defense"]: r for r in map(json.loads, out.splitlines())}
+    for by_defense in rows.values():
+        assert by_defense["ctrap"]["operators_per_step"] > 2 * by_defense["sft"]["operators_per_step"] > 0
+    for name in ("sft", "ctrap"):
+        assert rows["true"][name]["casts_per_step"] > rows["false"][name]["casts_per_step"]
