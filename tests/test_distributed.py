@@ -1,12 +1,13 @@
-"""Data parallel on CPU with 2 processes (gloo): a CTRAP step on 2 processes, each with half of the
-global batch, gives the same update as 1 process with the whole batch. This checks that the
-look-ahead move uses the global harmful gradient (averaged across processes) and that the engine
-averages the final gradients once.
+"""Data parallel on CPU with 2 processes (gloo): a step of a look-ahead defense (CTRAP, Booster)
+on 2 processes, each with half of the global batch, gives the same update as 1 process
+with the whole batch. This checks that the look-ahead moves use the global gradients (averaged
+across processes) and that the engine averages the final gradients once.
 
 The same with the parameters sharded by FSDP2 (fully_shard over 2 gloo processes): CTRAP steps
 give the same parameters (gathered whole) as 1 unsharded process, the checkpoint written
 mid-run holds the same full weights, resuming from it continues bit-exactly (AdamW state
-re-sharded), and the adapter saved from the gathered state dict loads back."""
+re-sharded), and the adapter saved from the gathered state dict loads back; a Booster step
+and a SEAM step (finite-difference L_sd) sharded give the same update as 1 unsharded process."""
 import json
 import os
 import socket
@@ -18,7 +19,8 @@ import torch.multiprocessing as mp
 
 from inoculate.data.encode import encode_record
 from inoculate.data.records import Record
-from inoculate.defenses.ctrap import CTRAP, CTRAPConfig
+from inoculate.defenses import DEFENSES
+from inoculate.defenses.seam import SEAM
 from inoculate.models import add_lora, load_model, save_model
 from inoculate.sharding import full, gathered_state_dict, is_sharded, shard_model
 from inoculate.training import CHECKPOINT, Stream, TrainingArgs, train
@@ -27,6 +29,7 @@ GLOBAL_BATCH = 4
 
 
 def _examples(tok):
+    """Encoded examples by stream role."""
     # equal token lengths everywhere, so per-process token means average to the global mean
     harmful = [Record(prompt=f"How do I break into house {i}?", response=f"Sure, house {i}: go in.",
                       refusal=f"No, I won't help with house {i}.") for i in range(GLOBAL_BATCH)]
@@ -36,13 +39,27 @@ def _examples(tok):
            "harmful": enc(harmful, "response")}
     for name, items in out.items():
         assert len({len(e["input_ids"]) for e in items}) == 1, f"{name} examples differ in length"
+    out["paired"] = [{"harmful": h, "refusal": r} for h, r in zip(out["harmful"], out["align"])]
     return out
 
 
+class _LinearSEAM(SEAM):
+    """SEAM's L_ul is −log(1 + S/n): not linear in the batch mean S, so with several processes
+    each takes the log of its own half-batch's S (as the authors' code does under DDP) and the
+    averaged gradient differs from one process's by design. The SEAM tests use −S/8 instead in
+    both runs, so that everything else must agree exactly."""
+
+    def unlearning_loss(self, harmful):
+        _, total = super().unlearning_loss(harmful)
+        return -total / 8, total
+
+
 def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "sgd",
-         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0, ctrap: dict | None = None):
-    """CTRAP on tiny-llama with LoRA, the global batch split over `world` processes.
-    Returns (model, tokenizer, trainable parameters before, after), all parameters whole."""
+         max_steps: int = 1, save_steps: int = 0, max_grad_norm: float = 0.0,
+         method: str = "ctrap", options: dict | None = None):
+    """A defense (CTRAP unless `method` says otherwise; `options` its config) on tiny-llama with
+    LoRA, the global batch split over `world` processes. Returns (model, tokenizer, trainable
+    parameters before, after), all parameters whole."""
     torch.manual_seed(0)
     loaded = load_model("tiny-llama")
     model = add_lora(loaded.model, r=4, alpha=8, dropout=0.0)
@@ -56,28 +73,30 @@ def _run(rank: int, world: int, run_dir: str, fsdp: bool = False, optim: str = "
         shard_model(model)
         assert is_sharded([p for p in model.parameters()])
     tok = loaded.tokenizer
-    defense = CTRAP(CTRAPConfig(harmful_batch_size=GLOBAL_BATCH // world, **(ctrap or {})), GLOBAL_BATCH // world)
+    cls = _LinearSEAM if method == "seam" else DEFENSES.get(method)
+    options = dict(options or {})
+    if "harmful_batch_size" in cls.config_class.__dataclass_fields__:
+        options.setdefault("harmful_batch_size", GLOBAL_BATCH // world)
+    defense = cls(cls.config_class(**options), GLOBAL_BATCH // world)
     defense.setup(model, tok)
-    streams = {name: Stream(name, items, GLOBAL_BATCH // world, tok.pad_token_id, seed=1,
-                            rank=rank, world_size=world) for name, items in _examples(tok).items()}
+    examples = _examples(tok)
+    streams = {name: Stream(name, examples[spec.role], spec.batch_size, tok.pad_token_id, seed=1,
+                            paired=spec.role == "paired", rank=rank, world_size=world)
+               for name, spec in defense.streams().items()}
     args = TrainingArgs(max_steps=max_steps, optim=optim, learning_rate=0.5 if optim == "sgd" else 1e-3,
                         weight_decay=0.0, save_steps=save_steps, logging_steps=1,
                         max_grad_norm=max_grad_norm)
-    train(model, defense, streams, args, run_dir, main_stream="align", progress=False)
+    train(model, defense, streams, args, run_dir, main_stream=next(iter(streams)), progress=False)
     after = [full(p.detach()).clone() for p in model.parameters() if p.requires_grad]
     return model, tok, before, after
 
 
-def _step(rank: int, world: int, run_dir: str, ctrap: dict) -> list[torch.Tensor]:
-    _, _, before, after = _run(rank, world, run_dir, ctrap=ctrap)
-    return before, after
-
-
-def _worker(rank, world, port, run_dir, out_file, ctrap):
+def _worker(rank, world, port, run_dir, out_file, method, options, fsdp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _, params = _step(rank, world, os.path.join(run_dir, f"rank{rank}"), ctrap)
+        _, _, _, params = _run(rank, world, os.path.join(run_dir, f"rank{rank}"), fsdp=fsdp,
+                               method=method, options=options)
         if rank == 0:
             torch.save(params, out_file)
     finally:
@@ -90,6 +109,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _same_update_on_two_processes(tmp_path, method, options, fsdp, rel=None):
+    """rel=None: elementwise within rtol=1e-4, atol=1e-7 (see the FSDP test for why); else the
+    difference's norm within rel times the update's norm."""
+    load_model("tiny-llama")  # build the cached tiny model once, before the workers race for it
+    out_file = str(tmp_path / "two.pt")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out_file, method, options, fsdp),
+             nprocs=2, join=True)
+    two = torch.load(out_file)
+    _, _, before, one = _run(0, 1, str(tmp_path / "single"), method=method, options=options)
+    update_one = torch.cat([(a - b).flatten() for a, b in zip(one, before)])
+    update_two = torch.cat([(a - b).flatten() for a, b in zip(two, before)])
+    assert update_one.norm() > 0, "the step did not change the parameters"
+    if rel is None:
+        torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=1e-7)
+    else:
+        assert (update_two - update_one).norm() <= rel * update_one.norm()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ctrap", [{}, {"step_direction": "sign"}], ids=["gradient", "sign"])
 def test_ctrap_step_on_two_processes_equals_one_process(tmp_path, ctrap):
@@ -97,15 +134,29 @@ def test_ctrap_step_on_two_processes_equals_one_process(tmp_path, ctrap):
     process's own half-batch gradient would move θ' differently. (A coordinate whose global
     gradient is within rounding of 0 could flip between 1 and 2 processes; the sums are
     deterministic, so this test either always passes or always fails on a given platform.)"""
-    load_model("tiny-llama")  # build the cached tiny model once, before the workers race for it
-    out_file = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), out_file, ctrap), nprocs=2, join=True)
-    two = torch.load(out_file)
-    before, one = _step(0, 1, str(tmp_path / "single"), ctrap)
-    update_one = torch.cat([(a - b).flatten() for a, b in zip(one, before)])
-    update_two = torch.cat([(a - b).flatten() for a, b in zip(two, before)])
-    assert update_one.norm() > 0, "the step did not change the parameters"
-    torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=1e-7)
+    _same_update_on_two_processes(tmp_path, "ctrap", ctrap, fsdp=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,fsdp", [("booster", False), ("booster", True), ("seam", True)],
+                         ids=["booster-replicated", "booster-fsdp", "seam-fsdp"])
+def test_lookahead_step_on_two_processes_equals_one_process(tmp_path, method, fsdp):
+    """Booster's move along the global harmful gradient, and SEAM's finite-difference L_sd (the
+    cosine of the global harmful and benign gradients, two ε-moves and the passes there) with
+    its L_up, agree between 2 processes (data parallel, or FSDP-sharded) and 1 process with the
+    same global batch. (SEAM's L_ul is linearized in both runs: _LinearSEAM. SEAM replicated:
+    test_seam.py checks its ∇L_sd on 2 processes, finite-difference and exact.)
+
+    Booster: the CTRAP tests' elementwise tolerance. SEAM: β=1 so that L_sd weighs in the update
+    (its norm is 1.24 here, 0.27 with β=0), and ε=0.1, because the finite difference divides the
+    rounding of the gradients (different fp32 sums on 1 and 2 processes) by ε: measured, the
+    updates differ by 2.1e-4 of their norm at the default ε=1e-3, 2.6e-6 at ε=0.1, and 3e-8
+    (absolute) with β=0. rel=1e-4 leaves a 40× margin at ε=0.1; a gradient left unaveraged in
+    the L_sd passes changes the term itself, of the order of the update."""
+    if method == "seam":
+        _same_update_on_two_processes(tmp_path, method, {"beta": 1.0, "epsilon": 0.1}, fsdp, rel=1e-4)
+    else:
+        _same_update_on_two_processes(tmp_path, method, {}, fsdp)
 
 
 CLIP = 0.4  # below the gradient norm of both steps (about 0.51 and 0.53), so clipping acts
