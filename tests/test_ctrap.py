@@ -1,6 +1,7 @@
 """CTRAP's math on the tiny model: the gradient equals a hand computation from its three passes,
 the simulated step leaves parameters untouched, the second-order option matches torch.func,
 and the collapse loss is the cross-entropy to the collapse target."""
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -303,7 +304,8 @@ def test_trap_steps_1_is_the_official_step_bit_for_bit():
     loss_a = token_ce(*ref.answer_logits(retain))
     ref.backward(loss_a, 0.5)
     assert all(torch.equal(x, p.grad) for x, p in zip(got, ref.params))
-    assert list(logs) == ["harmful_loss", "collapse_loss", "align_loss", "collapse_loss_at_theta"]
+    assert list(logs) == ["harmful_loss", "collapse_loss", "align_loss", "collapse_loss_at_theta",
+                          "trap_margin"]
     assert (logs["harmful_loss"], logs["collapse_loss"], logs["align_loss"]) == (
         loss_h.item(), loss_c.item(), loss_a.item())
     assert d.passes_per_step == 3
@@ -684,3 +686,25 @@ def test_bad_project_out_general_is_rejected_and_old_hashes_stay():
     assert not dcfg.project_out_general and "project_out_general" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.project_out_general": "true"})
     assert dcfg.project_out_general is True and resolved["ctrap"]["project_out_general"] is True
+
+
+@pytest.mark.parametrize("trap_steps", [1, 2])
+def test_trap_margin_is_the_collapse_loss_at_theta_over_the_deepest_point(trap_steps):
+    """trap_margin = collapse loss at θ (dormancy) − the lowest collapse loss over θ_1..θ_K (the
+    trap), computed by hand from the collapse losses at θ and at each simulated point; logged
+    only on micro-steps that ran the trap (amortized mode: refresh steps)."""
+    model, tok = _model()
+    b = _batches(tok)
+    alpha = 0.5
+    d = _defense(model, tok, alpha=alpha, trap_steps=trap_steps, trap_every=2)
+    logs = d.accumulate(b, scale=1.0)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    with torch.no_grad():
+        at_theta = d.collapse(*d.answer_logits(retain)).item()
+    g_c, losses, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, trap_steps)
+    assert len(losses) == trap_steps
+    assert math.isclose(logs["collapse_loss_at_theta"], at_theta, rel_tol=1e-4)
+    assert math.isclose(logs["trap_margin"], at_theta - min(losses), rel_tol=1e-4, abs_tol=1e-5)
+    for p in d.params:
+        p.grad = None
+    assert "trap_margin" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no margin"

@@ -357,3 +357,75 @@ def test_report_to_tensorboard_writes_events(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(ValueError, match="unknown report_to"):
         _one_sft_step(tmp_path / "bad", report_to="mlflow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the weights of the best logged step (select_by)
+# ---------------------------------------------------------------------------------------------
+
+SELECT = dict(ALIGN, max_steps=6, save_steps=0, select_by="loss", select_mode="max")
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "model" / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a, b):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_select_by_keeps_the_weights_of_the_best_logged_step(tmp_path):
+    """The model saved is the one of the logging step with the highest `loss`, the same
+    weights as a run stopped at that step; run.json says which step and value."""
+    selected = pipeline.align(dict(SELECT), tmp_path / "selected", progress=False)
+    logged = [json.loads(l) for l in (selected / "log.jsonl").read_text().splitlines()]
+    best = max(logged, key=lambda r: r["loss"])
+    assert best["step"] < SELECT["max_steps"], "the last step was best: the test would show nothing"
+    info = json.loads((selected / runs.RUN_MARKER).read_text())
+    assert info["selected"] == {"step": best["step"], "key": "loss", "value": best["loss"]}
+    stopped = pipeline.align(dict(ALIGN, max_steps=best["step"], save_steps=0), tmp_path / "stopped",
+                             progress=False)
+    _assert_same_adapter(_adapter(stopped), _adapter(selected))
+    last = pipeline.align(dict(ALIGN, max_steps=SELECT["max_steps"], save_steps=0), tmp_path / "last",
+                          progress=False)
+    assert any(not torch.equal(_adapter(last)[k], _adapter(selected)[k]) for k in _adapter(last))
+
+
+def test_select_by_survives_an_interrupted_run(tmp_path, monkeypatch):
+    """The kept weights travel in the checkpoint: a run killed after its best step and resumed
+    ends with the same weights and selection as an uninterrupted one."""
+    cfg = dict(SELECT, save_steps=2)
+    straight = pipeline.align(dict(cfg), tmp_path / "straight", progress=False)
+    killed = tmp_path / "killed"
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_at_call(mp, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.align(dict(cfg), killed, progress=False)
+    progress = json.loads((killed / "checkpoint" / "progress.json").read_text())
+    assert progress["step"] == 4 and progress["selected"]["key"] == "loss"
+    pipeline.align(dict(cfg), killed, progress=False)
+    info = [json.loads((d / runs.RUN_MARKER).read_text()) for d in (straight, killed)]
+    assert info[1]["resumed_from"] == 4
+    assert info[0]["selected"]["step"] == info[1]["selected"]["step"] < 5
+    _assert_same_adapter(_adapter(straight), _adapter(killed))
+
+
+def test_select_by_a_value_not_logged_fails_at_the_first_step(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = SFT.accumulate
+
+    def counting(self, batches, scale):
+        calls["n"] += 1
+        return real(self, batches, scale)
+
+    monkeypatch.setattr(SFT, "accumulate", counting)
+    with pytest.raises(pipeline.ConfigError, match=r"select_by='trap_margin'.*step 1: .*loss"):
+        pipeline.align(dict(SELECT, select_by="trap_margin"), tmp_path / "bad", progress=False)
+    assert calls["n"] == 1
+    assert not (tmp_path / "bad" / "model").exists()
+    with pytest.raises(pipeline.ConfigError, match="select_mode must be min or max"):
+        pipeline.align(dict(SELECT, select_mode="best"), tmp_path / "bad2", progress=False)
+    with pytest.raises(pipeline.ConfigError, match="not supported with fsdp"):
+        pipeline.align(dict(SELECT, fsdp=True), tmp_path / "bad3", progress=False)

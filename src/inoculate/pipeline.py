@@ -24,7 +24,7 @@ from .defenses.sft import SFT, SFTConfig
 from .models import (MODEL_META, add_lora, load_model, pick_device, save_model, _base_location,
                      _resolve_spec)
 from .registry import Registry
-from .training import Stream, TrainingArgs, train
+from .training import Selection, Stream, TrainingArgs, train
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,12 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     num_general_samples: int = doc(5000, "general-dialogue examples for defenses that use them")
     exclude_categories: Optional[list[str]] = doc(None, "harmful categories left out of alignment (pair with an attack's harmful_categories: data the defense never saw)")
     fsdp: bool = doc(False, "shard parameters, gradients and optimizer state with FSDP2 (fully_shard) across the processes of torchrun / accelerate launch; ignored in one process")
+    select_by: str = doc("", "keep the weights of the logging step where this logged value was best (e.g. ctrap's trap_margin) instead of the last step's; '' = the last step")
+    select_mode: str = doc("min", "select_by: min (lowest value) | max (highest)")
+
+    def __post_init__(self):
+        if self.select_mode not in ("min", "max"):
+            raise ConfigError(f"select_mode must be min or max, got {self.select_mode!r}")
 
 
 @dataclass
@@ -128,7 +134,7 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # Fields added after run directories already existed. While at their defaults they are left out
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
-    "align": ("exclude_categories", "fsdp"),
+    "align": ("exclude_categories", "fsdp", "select_by", "select_mode"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples"),
     "evaluate": ("extra_judges",),
@@ -187,6 +193,9 @@ def align_config(values: dict) -> tuple[AlignConfig, object, dict]:
     cfg = build(AlignConfig, main, "align")
     dcfg = build(defense_cls.config_class, section, f"defense {defense_name}")
     resolved = {**_resolved("align", cfg), defense_name: _resolved_section(dcfg)}
+    if cfg.fsdp and cfg.select_by:
+        raise ConfigError("select_by (keeping the weights of the best logged step) is not supported "
+                          "with fsdp=true")
     if cfg.fsdp and _needs_eager(dcfg):
         raise ConfigError(f"fsdp=true does not combine with {defense_name}'s exact second-order option "
                           f"(double backward through sharded parameters is not supported); "
@@ -399,7 +408,9 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
     defense.setup(model, tok)
     streams = build_align_streams(defense, cfg, tok, rank, world)
     main = next(iter(defense.streams()))
-    result = train(model, defense, streams, cfg, out, main_stream=main, progress=progress)
+    selection = Selection(cfg.select_by, cfg.select_mode) if cfg.select_by else None
+    result = train(model, defense, streams, cfg, out, main_stream=main, progress=progress,
+                   selection=selection)
     if world > 1:
         import torch.distributed as dist
 
@@ -412,7 +423,8 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
     if rank == 0:
         save_model(model, tok, out / "model", base=_base_for_save(cfg.model), state_dict=state_dict)
         runs.finish(out, resolved, steps=result.steps, seconds=result.seconds,
-                    resumed_from=result.resumed_from, final_logs=result.last_logs)
+                    resumed_from=result.resumed_from, final_logs=result.last_logs,
+                    **({"selected": result.selected} if result.selected else {}))
         from .training import remove_checkpoint
 
         remove_checkpoint(out)

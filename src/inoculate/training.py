@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .config import doc
+from .config import ConfigError, doc
 from .data.encode import collate, collate_paired
 from .sharding import full, is_dtensor, is_sharded, local, shard_like, sum_over_shards
 
@@ -144,6 +144,7 @@ class TrainResult:
     resumed_from: int
     seconds: float
     last_logs: dict
+    selected: Optional[dict] = None  # {"step", "key", "value"} when a Selection chose the weights
 
 
 def set_seed(seed: int) -> None:
@@ -196,8 +197,10 @@ def train(
     main_stream: str,
     monitor: Optional[Callable[[torch.nn.Module], dict]] = None,
     progress: bool = True,
+    selection: Optional["Selection"] = None,
 ) -> TrainResult:
-    """Run the defense's objective to the end, resuming from run_dir/checkpoint if present."""
+    """Run the defense's objective to the end, resuming from run_dir/checkpoint if present.
+    With a `selection`, the model ends with the weights of the logging step it chose."""
     from transformers import get_scheduler
     from tqdm.auto import tqdm
 
@@ -217,7 +220,9 @@ def train(
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=int(args.warmup_ratio * n_steps),
                               num_training_steps=n_steps)
-    start = load_checkpoint(run_dir, named, optimizer, scheduler, streams)
+    if selection is not None and sharded:
+        raise ConfigError("select_by (keeping the weights of the best logged step) is not supported with fsdp")
+    start = load_checkpoint(run_dir, named, optimizer, scheduler, streams, selection)
     if start == 0:
         set_seed(args.seed)
     loggers = _Loggers(run_dir, args.report_to, resume_step=start)
@@ -272,16 +277,68 @@ def train(
         logs = dict(reported, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
                     elapsed_s=round(time.time() - t0, 2))
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
+        if selection is not None and done == start + 1 and not selection.key.startswith("monitor/"):
+            selection.check(done, logs)  # a misspelt key fails now, not at the first logging step
         if done % max(1, args.logging_steps) == 0 or done == n_steps:
             if monitor is not None:
                 logs.update({f"monitor/{k}": v for k, v in monitor(model).items()})
+            if selection is not None:
+                selection.offer(done, logs, named)
             if rank0:
                 loggers.write(done, logs)
         if args.save_steps and done % args.save_steps == 0 and done < n_steps and (rank0 or sharded):
             # sharded: every process takes part in gathering the full tensors; rank 0 writes
-            save_checkpoint(run_dir, done, named, optimizer, scheduler, streams, write=rank0)
+            save_checkpoint(run_dir, done, named, optimizer, scheduler, streams, write=rank0,
+                            selection=selection)
     loggers.close()
-    return TrainResult(steps=n_steps, resumed_from=start, seconds=time.time() - t0, last_logs=logs)
+    chosen = None
+    if selection is not None:
+        chosen = selection.restore(named)
+        log.info("%s: kept the weights of step %d (%s = %.4g, the %s over the logged steps)",
+                 defense.name, chosen["step"], selection.key, chosen["value"],
+                 "lowest" if selection.mode == "min" else "highest")
+    return TrainResult(steps=n_steps, resumed_from=start, seconds=time.time() - t0, last_logs=logs,
+                       selected=chosen)
+
+
+class Selection:
+    """Keeps the trainable weights of the logging step where the logged value `key` was lowest
+    (mode "min") or highest ("max"); `train` puts them back at the end. The candidates are the
+    logging steps (every `logging_steps` and the last), the value the one logged there (a
+    defense's loss on that step's batch, or a monitor's). The kept copy lives in CPU memory
+    (one copy of the trainable weights) and in every checkpoint, so a resumed run selects
+    among all its steps. Non-finite values are never selected."""
+
+    def __init__(self, key: str, mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"selection mode must be min or max, got {mode!r}")
+        self.key, self.mode = key, mode
+        self.step: Optional[int] = None
+        self.value: Optional[float] = None
+        self.weights: Optional[Dict[str, torch.Tensor]] = None
+
+    def offer(self, step: int, logs: dict, named) -> None:
+        self.check(step, logs)
+        value = float(logs[self.key])
+        if not math.isfinite(value):
+            return
+        if self.value is None or (value < self.value if self.mode == "min" else value > self.value):
+            self.step, self.value = step, value
+            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+    def check(self, step: int, logs: dict) -> None:
+        """Raises a ConfigError naming the logged values when the key is not among them."""
+        if self.key not in logs:
+            raise ConfigError(f"select_by={self.key!r} is not among the values logged at step {step}: "
+                              f"{', '.join(sorted(logs))}")
+
+    def restore(self, named) -> dict:
+        if self.weights is None:
+            raise RuntimeError(f"select_by={self.key!r}: no logged step had a finite value to select")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(self.weights[n].to(p.device, p.dtype))
+        return {"step": self.step, "key": self.key, "value": self.value}
 
 
 def _grad_norm(params: List[torch.nn.Parameter]) -> float:
@@ -301,7 +358,7 @@ CHECKPOINT = "checkpoint"
 
 
 def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, streams,
-                    write: bool = True) -> None:
+                    write: bool = True, selection: Optional[Selection] = None) -> None:
     """Trainable weights (safetensors), optimizer and schedule state, stream positions and RNG,
     written to a temporary folder and renamed over the previous checkpoint.
 
@@ -309,7 +366,8 @@ def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, strea
     process must call this, in the same order) and only the process with `write` (rank 0)
     keeps and writes them. The checkpoint is then the same as without sharding, whatever the
     number of processes (the simplest correct choice; it costs one gather of the trainable
-    weights and their optimizer state per checkpoint, and rank 0 holds them in CPU memory)."""
+    weights and their optimizer state per checkpoint, and rank 0 holds them in CPU memory).
+    A Selection's kept weights, if any, go in selected.safetensors."""
     weights = {}
     for n, p in named:
         value = full(p.detach())
@@ -323,11 +381,17 @@ def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, strea
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp", dir=run_dir))
     try:
         save_file(weights, str(tmp / "trainable.safetensors"))
+        selected = None
+        if selection is not None and selection.weights is not None:
+            save_file({n: w.contiguous() for n, w in selection.weights.items()},
+                      str(tmp / "selected.safetensors"))
+            selected = {"step": selection.step, "key": selection.key, "value": selection.value}
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                    tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(
-            {"step": step, "streams": {k: s.served for k, s in streams.items()}}))
+            {"step": step, "streams": {k: s.served for k, s in streams.items()},
+             **({"selected": selected} if selected else {})}))
         old = run_dir / ".checkpoint.old"
         if target.exists():
             os.replace(target, old)
@@ -372,7 +436,8 @@ def _shard_optimizer_state(state: dict, params) -> dict:
     return {**state, "state": sharded_state}
 
 
-def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams) -> int:
+def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams,
+                    selection: Optional[Selection] = None) -> int:
     target = run_dir / CHECKPOINT
     if not (target / "progress.json").exists():
         return 0
@@ -393,6 +458,10 @@ def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams) -> int:
     random.setstate(state["python_rng"])
     for k, s in streams.items():
         s.served = progress["streams"].get(k, 0)
+    kept = progress.get("selected")
+    if selection is not None and kept and kept["key"] == selection.key:
+        selection.step, selection.value = kept["step"], kept["value"]
+        selection.weights = load_file(str(target / "selected.safetensors"))
     log.info("resuming %s from step %d", run_dir, progress["step"])
     return int(progress["step"])
 

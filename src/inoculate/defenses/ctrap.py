@@ -271,7 +271,16 @@ class CTRAP(Defense):
         with torch.no_grad():
             logs["collapse_loss_at_theta"] = self._collapse_at_theta(logits.detach(), labels,
                                                                      logs["align_loss"])
+        if "collapse_loss" in logs:  # the trap ran this micro-step
+            logs["trap_margin"] = logs["collapse_loss_at_theta"] - self._deepest(logs)
         return logs
+
+    def _deepest(self, logs: dict) -> float:
+        """The lowest collapse loss over the simulated points θ_1..θ_K of this micro-step."""
+        K = self.config.trap_steps
+        if K > 1 and "collapse_loss_step1" in logs:
+            return min(logs[f"collapse_loss_step{k}"] for k in range(1, K + 1))
+        return logs["collapse_loss"]
 
     def _collapse_at_theta(self, logits, labels, align_loss: float) -> float:
         """The collapse loss on logits whose answer CE is `align_loss`. For the token target,
