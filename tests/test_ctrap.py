@@ -305,7 +305,7 @@ def test_trap_steps_1_is_the_official_step_bit_for_bit():
     ref.backward(loss_a, 0.5)
     assert all(torch.equal(x, p.grad) for x, p in zip(got, ref.params))
     assert list(logs) == ["harmful_loss", "collapse_loss", "align_loss", "collapse_loss_at_theta",
-                          "trap_margin"]
+                          "trap_gap"]
     assert (logs["harmful_loss"], logs["collapse_loss"], logs["align_loss"]) == (
         loss_h.item(), loss_c.item(), loss_a.item())
     assert d.passes_per_step == 3
@@ -688,23 +688,29 @@ def test_bad_project_out_general_is_rejected_and_old_hashes_stay():
     assert dcfg.project_out_general is True and resolved["ctrap"]["project_out_general"] is True
 
 
-@pytest.mark.parametrize("trap_steps", [1, 2])
-def test_trap_margin_is_the_collapse_loss_at_theta_over_the_deepest_point(trap_steps):
-    """trap_margin = collapse loss at θ (dormancy) − the lowest collapse loss over θ_1..θ_K (the
-    trap), computed by hand from the collapse losses at θ and at each simulated point; logged
-    only on micro-steps that ran the trap (amortized mode: refresh steps)."""
+@pytest.mark.parametrize("trap_steps,target", [(1, "token"), (2, "token"), (1, "uniform")])
+def test_trap_gap_from_the_collapse_losses_at_theta_and_the_deepest_point(trap_steps, target):
+    """trap_gap = exp(−KL) at the deepest of θ_1..θ_K − exp(−KL) at θ, KL = collapse loss − the
+    target's entropy (0 for the token, log V for the uniform target), by hand from the collapse
+    losses at θ and at each simulated point; logged only on micro-steps that ran the trap."""
     model, tok = _model()
     b = _batches(tok)
     alpha = 0.5
-    d = _defense(model, tok, alpha=alpha, trap_steps=trap_steps, trap_every=2)
+    d = _defense(model, tok, alpha=alpha, trap_steps=trap_steps, trap_every=2, collapse_target=target)
     logs = d.accumulate(b, scale=1.0)
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    h = 0.0 if target == "token" else math.log(model.get_output_embeddings().weight.shape[0])
     with torch.no_grad():
         at_theta = d.collapse(*d.answer_logits(retain)).item()
-    g_c, losses, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, trap_steps)
+    if target == "token":
+        _, losses, _ = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, trap_steps)
+    else:
+        losses = [logs["collapse_loss"]]
     assert len(losses) == trap_steps
     assert math.isclose(logs["collapse_loss_at_theta"], at_theta, rel_tol=1e-4)
-    assert math.isclose(logs["trap_margin"], at_theta - min(losses), rel_tol=1e-4, abs_tol=1e-5)
+    want = math.exp(-(min(losses) - h)) - math.exp(-(at_theta - h))
+    assert math.isclose(logs["trap_gap"], want, rel_tol=1e-3, abs_tol=1e-6)
+    assert -1.0 <= logs["trap_gap"] <= 1.0
     for p in d.params:
         p.grad = None
-    assert "trap_margin" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no margin"
+    assert "trap_gap" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no gap"

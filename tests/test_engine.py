@@ -363,7 +363,7 @@ def test_report_to_tensorboard_writes_events(tmp_path):
 # Keeping the weights of the best logged step (select_by)
 # ---------------------------------------------------------------------------------------------
 
-SELECT = dict(ALIGN, max_steps=6, save_steps=0, select_by="loss", select_mode="max")
+SELECT = dict(ALIGN, max_steps=6, save_steps=0, select_by="loss", select_mode="min")
 
 
 def _adapter(run_dir):
@@ -376,16 +376,18 @@ def _assert_same_adapter(a, b):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
-def test_select_by_keeps_the_weights_of_the_best_logged_step(tmp_path):
-    """The model saved is the one of the logging step with the highest `loss`, the same
-    weights as a run stopped at that step; run.json says which step and value."""
+def test_select_by_keeps_the_weights_the_best_logged_value_was_measured_on(tmp_path):
+    """The model saved is the one whose loss was the lowest logged: step N's loss is measured
+    on the weights after N − 1 updates, so they equal a run stopped after N − 1 steps; run.json
+    says which step, how many updates and the value."""
     selected = pipeline.align(dict(SELECT), tmp_path / "selected", progress=False)
     logged = [json.loads(l) for l in (selected / "log.jsonl").read_text().splitlines()]
-    best = max(logged, key=lambda r: r["loss"])
-    assert best["step"] < SELECT["max_steps"], "the last step was best: the test would show nothing"
+    best = min(logged, key=lambda r: r["loss"])
+    assert best["step"] > 1, "the first step was best: the comparison below would need 0 steps"
     info = json.loads((selected / runs.RUN_MARKER).read_text())
-    assert info["selected"] == {"step": best["step"], "key": "loss", "value": best["loss"]}
-    stopped = pipeline.align(dict(ALIGN, max_steps=best["step"], save_steps=0), tmp_path / "stopped",
+    assert info["selected"] == {"step": best["step"], "updates": best["step"] - 1, "key": "loss",
+                                "value": best["loss"]}
+    stopped = pipeline.align(dict(ALIGN, max_steps=best["step"] - 1, save_steps=0), tmp_path / "stopped",
                              progress=False)
     _assert_same_adapter(_adapter(stopped), _adapter(selected))
     last = pipeline.align(dict(ALIGN, max_steps=SELECT["max_steps"], save_steps=0), tmp_path / "last",
@@ -395,8 +397,9 @@ def test_select_by_keeps_the_weights_of_the_best_logged_step(tmp_path):
 
 def test_select_by_survives_an_interrupted_run(tmp_path, monkeypatch):
     """The kept weights travel in the checkpoint: a run killed after its best step and resumed
-    ends with the same weights and selection as an uninterrupted one."""
-    cfg = dict(SELECT, save_steps=2)
+    ends with the same weights and selection as an uninterrupted one. (Highest loss: the first
+    step's, on the weights before any update, which only the checkpoint still holds.)"""
+    cfg = dict(SELECT, save_steps=2, select_mode="max")
     straight = pipeline.align(dict(cfg), tmp_path / "straight", progress=False)
     killed = tmp_path / "killed"
     with pytest.MonkeyPatch.context() as mp:
@@ -408,7 +411,7 @@ def test_select_by_survives_an_interrupted_run(tmp_path, monkeypatch):
     pipeline.align(dict(cfg), killed, progress=False)
     info = [json.loads((d / runs.RUN_MARKER).read_text()) for d in (straight, killed)]
     assert info[1]["resumed_from"] == 4
-    assert info[0]["selected"]["step"] == info[1]["selected"]["step"] < 5
+    assert info[0]["selected"] == info[1]["selected"] and info[0]["selected"]["step"] < 5
     _assert_same_adapter(_adapter(straight), _adapter(killed))
 
 
@@ -421,8 +424,8 @@ def test_select_by_a_value_not_logged_fails_at_the_first_step(tmp_path, monkeypa
         return real(self, batches, scale)
 
     monkeypatch.setattr(SFT, "accumulate", counting)
-    with pytest.raises(pipeline.ConfigError, match=r"select_by='trap_margin'.*step 1: .*loss"):
-        pipeline.align(dict(SELECT, select_by="trap_margin"), tmp_path / "bad", progress=False)
+    with pytest.raises(pipeline.ConfigError, match=r"select_by='trap_gap'.*step 1: .*loss"):
+        pipeline.align(dict(SELECT, select_by="trap_gap"), tmp_path / "bad", progress=False)
     assert calls["n"] == 1
     assert not (tmp_path / "bad" / "model").exists()
     with pytest.raises(pipeline.ConfigError, match="select_mode must be min or max"):

@@ -266,24 +266,28 @@ def train(
             raise NonFiniteLossError(
                 f"{defense.name}: gradient norm is {grad_norm} at step {step + 1}; lower "
                 f"learning_rate or disable bf16; the last checkpoint in {run_dir} is kept")
+        done = step + 1
+        logging_step = done % max(1, args.logging_steps) == 0 or done == n_steps
+        # a loss this step did not report (an amortized look-ahead loss between refreshes) is
+        # logged with its latest value, so a logging step that is not a refresh still shows it
+        reported.update(sums)
+        if selection is not None:
+            # the step's losses describe the weights it started from: those are the candidate
+            own = dict(reported, grad_norm=grad_norm)
+            if done == start + 1:
+                selection.check(done, own)  # a misspelt key fails now, not at a logging step
+            if logging_step:
+                selection.offer(done, own, named)
         if args.max_grad_norm and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        done = step + 1
-        # a loss this step did not report (an amortized look-ahead loss between refreshes) is
-        # logged with its latest value, so a logging step that is not a refresh still shows it
-        reported.update(sums)
         logs = dict(reported, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
                     elapsed_s=round(time.time() - t0, 2))
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
-        if selection is not None and done == start + 1 and not selection.key.startswith("monitor/"):
-            selection.check(done, logs)  # a misspelt key fails now, not at the first logging step
-        if done % max(1, args.logging_steps) == 0 or done == n_steps:
+        if logging_step:
             if monitor is not None:
                 logs.update({f"monitor/{k}": v for k, v in monitor(model).items()})
-            if selection is not None:
-                selection.offer(done, logs, named)
             if rank0:
                 loggers.write(done, logs)
         if args.save_steps and done % args.save_steps == 0 and done < n_steps and (rank0 or sharded):
@@ -294,8 +298,9 @@ def train(
     chosen = None
     if selection is not None:
         chosen = selection.restore(named)
-        log.info("%s: kept the weights of step %d (%s = %.4g, the %s over the logged steps)",
-                 defense.name, chosen["step"], selection.key, chosen["value"],
+        log.info("%s: kept the weights after %d updates (%s = %.4g at step %d, the %s over the "
+                 "logged steps)", defense.name, chosen["updates"], selection.key, chosen["value"],
+                 chosen["step"],
                  "lowest" if selection.mode == "min" else "highest")
     return TrainResult(steps=n_steps, resumed_from=start, seconds=time.time() - t0, last_logs=logs,
                        selected=chosen)
@@ -304,16 +309,18 @@ def train(
 class Selection:
     """Keeps the trainable weights of the logging step where the logged value `key` was lowest
     (mode "min") or highest ("max"); `train` puts them back at the end. The candidates are the
-    logging steps (every `logging_steps` and the last), the value the one logged there (a
-    defense's loss on that step's batch, or a monitor's). The kept copy lives in CPU memory
-    (one copy of the trainable weights) and in every checkpoint, so a resumed run selects
-    among all its steps. Non-finite values are never selected."""
+    logging steps (every `logging_steps` and the last), each with the weights its value was
+    measured on: the losses a defense reports at step N (and grad_norm) are those of the weights
+    step N started from, i.e. after N − 1 updates. The kept copy lives in CPU memory (one copy of the trainable weights) and
+    in every checkpoint, so a resumed run selects among all its steps. Non-finite values are
+    never selected."""
 
     def __init__(self, key: str, mode: str = "min"):
         if mode not in ("min", "max"):
             raise ValueError(f"selection mode must be min or max, got {mode!r}")
         self.key, self.mode = key, mode
         self.step: Optional[int] = None
+        self.updates: Optional[int] = None  # optimizer updates in the kept weights
         self.value: Optional[float] = None
         self.weights: Optional[Dict[str, torch.Tensor]] = None
 
@@ -324,6 +331,7 @@ class Selection:
             return
         if self.value is None or (value < self.value if self.mode == "min" else value > self.value):
             self.step, self.value = step, value
+            self.updates = step - 1
             self.weights = {n: p.detach().to("cpu", copy=True) for n, p in named}
 
     def check(self, step: int, logs: dict) -> None:
@@ -338,7 +346,10 @@ class Selection:
         with torch.no_grad():
             for n, p in named:
                 p.copy_(self.weights[n].to(p.device, p.dtype))
-        return {"step": self.step, "key": self.key, "value": self.value}
+        return self.record()
+
+    def record(self) -> dict:
+        return {"step": self.step, "updates": self.updates, "key": self.key, "value": self.value}
 
 
 def _grad_norm(params: List[torch.nn.Parameter]) -> float:
@@ -385,7 +396,7 @@ def save_checkpoint(run_dir: Path, step: int, named, optimizer, scheduler, strea
         if selection is not None and selection.weights is not None:
             save_file({n: w.contiguous() for n, w in selection.weights.items()},
                       str(tmp / "selected.safetensors"))
-            selected = {"step": selection.step, "key": selection.key, "value": selection.value}
+            selected = selection.record()
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                    tmp / "state.pt")
@@ -460,7 +471,7 @@ def load_checkpoint(run_dir: Path, named, optimizer, scheduler, streams,
         s.served = progress["streams"].get(k, 0)
     kept = progress.get("selected")
     if selection is not None and kept and kept["key"] == selection.key:
-        selection.step, selection.value = kept["step"], kept["value"]
+        selection.step, selection.updates, selection.value = kept["step"], kept["updates"], kept["value"]
         selection.weights = load_file(str(target / "selected.safetensors"))
     log.info("resuming %s from step %d", run_dir, progress["step"])
     return int(progress["step"])

@@ -62,6 +62,7 @@ amortized, 1 + (2K [+ 2 | + 1])/k on average.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -200,10 +201,14 @@ class CTRAP(Defense):
         self.token = collapse_token_id(tokenizer, c.collapse_text)
         self.pad_id = tokenizer.pad_token_id
         self.distribution = None
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.target_entropy = 0.0  # of the collapse target: the lowest collapse loss there is
+        if c.collapse_target == "uniform":
+            self.target_entropy = math.log(vocab)
         if c.collapse_target == "random":
-            vocab = model.get_output_embeddings().weight.shape[0]
             g = torch.Generator().manual_seed(c.random_target_seed)
             self.distribution = torch.softmax(torch.randn(vocab, generator=g), dim=0)
+            self.target_entropy = float(-(self.distribution * self.distribution.log()).sum())
         self.cached_trap: Optional[list] = None
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -272,15 +277,22 @@ class CTRAP(Defense):
             logs["collapse_loss_at_theta"] = self._collapse_at_theta(logits.detach(), labels,
                                                                      logs["align_loss"])
         if "collapse_loss" in logs:  # the trap ran this micro-step
-            logs["trap_margin"] = logs["collapse_loss_at_theta"] - self._deepest(logs)
+            logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
-    def _deepest(self, logs: dict) -> float:
-        """The lowest collapse loss over the simulated points θ_1..θ_K of this micro-step."""
+    def trap_gap(self, logs: dict) -> float:
+        """exp(−KL) at the deepest simulated point minus exp(−KL) at θ, KL = the collapse loss
+        minus the target's entropy (0 for the token target, where exp(−loss) is the geometric
+        mean over answer tokens of the collapse token's probability). In [−1, 1]: 1 when one
+        simulated harmful update lands fully in the collapse and θ shows none of it; about 0
+        when no point collapsed, however dormant θ is, or when θ collapsed too."""
         K = self.config.trap_steps
         if K > 1 and "collapse_loss_step1" in logs:
-            return min(logs[f"collapse_loss_step{k}"] for k in range(1, K + 1))
-        return logs["collapse_loss"]
+            deepest = min(logs[f"collapse_loss_step{k}"] for k in range(1, K + 1))
+        else:
+            deepest = logs["collapse_loss"]
+        h = self.target_entropy
+        return math.exp(-max(deepest - h, 0.0)) - math.exp(-max(logs["collapse_loss_at_theta"] - h, 0.0))
 
     def _collapse_at_theta(self, logits, labels, align_loss: float) -> float:
         """The collapse loss on logits whose answer CE is `align_loss`. For the token target,
