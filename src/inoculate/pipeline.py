@@ -70,7 +70,7 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     num_general_samples: int = doc(5000, "general-dialogue examples for defenses that use them")
     exclude_categories: Optional[list[str]] = doc(None, "harmful categories left out of alignment (pair with an attack's harmful_categories: data the defense never saw)")
     fsdp: bool = doc(False, "shard parameters, gradients and optimizer state with FSDP2 (fully_shard) across the processes of torchrun / accelerate launch; ignored in one process")
-    select_by: str = doc("", "keep the weights of the logging step where this logged value was best (e.g. ctrap's trap_margin) instead of the last step's; '' = the last step")
+    select_by: str = doc("", "keep the weights of the logging step where this logged value was best (e.g. ctrap's trap_gap with select_mode=max) instead of the last step's; '' = the last step")
     select_mode: str = doc("min", "select_by: min (lowest value) | max (highest)")
 
     def __post_init__(self):

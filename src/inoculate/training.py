@@ -144,7 +144,7 @@ class TrainResult:
     resumed_from: int
     seconds: float
     last_logs: dict
-    selected: Optional[dict] = None  # {"step", "key", "value"} when a Selection chose the weights
+    selected: Optional[dict] = None  # Selection.record() when a Selection chose the weights
 
 
 def set_seed(seed: int) -> None:
@@ -220,8 +220,6 @@ def train(
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=int(args.warmup_ratio * n_steps),
                               num_training_steps=n_steps)
-    if selection is not None and sharded:
-        raise ConfigError("select_by (keeping the weights of the best logged step) is not supported with fsdp")
     start = load_checkpoint(run_dir, named, optimizer, scheduler, streams, selection)
     if start == 0:
         set_seed(args.seed)
@@ -300,8 +298,7 @@ def train(
         chosen = selection.restore(named)
         log.info("%s: kept the weights after %d updates (%s = %.4g at step %d, the %s over the "
                  "logged steps)", defense.name, chosen["updates"], selection.key, chosen["value"],
-                 chosen["step"],
-                 "lowest" if selection.mode == "min" else "highest")
+                 chosen["step"], "lowest" if selection.mode == "min" else "highest")
     return TrainResult(steps=n_steps, resumed_from=start, seconds=time.time() - t0, last_logs=logs,
                        selected=chosen)
 
@@ -311,9 +308,10 @@ class Selection:
     (mode "min") or highest ("max"); `train` puts them back at the end. The candidates are the
     logging steps (every `logging_steps` and the last), each with the weights its value was
     measured on: the losses a defense reports at step N (and grad_norm) are those of the weights
-    step N started from, i.e. after N − 1 updates. The kept copy lives in CPU memory (one copy of the trainable weights) and
-    in every checkpoint, so a resumed run selects among all its steps. Non-finite values are
-    never selected."""
+    step N started from, i.e. after N − 1 updates. The kept copy lives in CPU memory (one copy
+    of the trainable weights) and in every checkpoint, so a resumed run selects among all its
+    steps. Non-finite values are never selected. Not for FSDP-sharded parameters (the pipeline
+    refuses select_by with fsdp)."""
 
     def __init__(self, key: str, mode: str = "min"):
         if mode not in ("min", "max"):
