@@ -149,10 +149,10 @@ def test_lookahead_step_on_two_processes_equals_one_process(tmp_path, method, fs
 
     Booster: the CTRAP tests' elementwise tolerance. SEAM: β=1 so that L_sd weighs in the update
     (its norm is 1.24 here, 0.27 with β=0), and ε=0.1, because the finite difference divides the
-    rounding of the gradients (different fp32 sums on 1 and 2 processes) by ε: measured, the
-    updates differ by 2.1e-4 of their norm at the default ε=1e-3, 2.6e-6 at ε=0.1, and 3e-8
-    (absolute) with β=0. rel=1e-4 leaves a 40× margin at ε=0.1; a gradient left unaveraged in
-    the L_sd passes changes the term itself, of the order of the update."""
+    rounding of the gradients (different fp32 sums on 1 and 2 processes) by ε: measured (data
+    parallel), the updates differ by 2.1e-4 of their norm at the default ε=1e-3, 2.6e-6 at
+    ε=0.1, and 3e-8 (absolute) with β=0. rel=1e-4 leaves a 40× margin at ε=0.1; a gradient
+    left unaveraged in the L_sd passes changes the term itself, of the order of the update."""
     if method == "seam":
         _same_update_on_two_processes(tmp_path, method, {"beta": 1.0, "epsilon": 0.1}, fsdp, rel=1e-4)
     else:
