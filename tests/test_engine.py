@@ -224,16 +224,21 @@ def _kill_at_call(monkeypatch, n):
     monkeypatch.setattr(SFT, "accumulate", accumulate)
 
 
+def _align_killed_at_call(cfg, run_dir, n):
+    """pipeline.align(cfg) killed during its n-th micro-step."""
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_at_call(mp, n)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.align(dict(cfg), run_dir, progress=False)
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """An uninterrupted run, and a run killed during step 4 (checkpoint at 2) then rerun."""
     root = tmp_path_factory.mktemp("resume")
     straight = pipeline.align(dict(ALIGN), root / "straight", progress=False)
     killed = root / "killed"
-    with pytest.MonkeyPatch.context() as mp:
-        _kill_at_call(mp, 4)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.align(dict(ALIGN), killed, progress=False)
+    _align_killed_at_call(ALIGN, killed, 4)
     after_kill = {
         "entries": sorted(p.name for p in killed.iterdir()),
         "progress": json.loads((killed / "checkpoint" / "progress.json").read_text()),
@@ -395,17 +400,14 @@ def test_select_by_keeps_the_weights_the_best_logged_value_was_measured_on(tmp_p
     assert any(not torch.equal(_adapter(last)[k], _adapter(selected)[k]) for k in _adapter(last))
 
 
-def test_select_by_survives_an_interrupted_run(tmp_path, monkeypatch):
+def test_select_by_survives_an_interrupted_run(tmp_path):
     """The kept weights travel in the checkpoint: a run killed after its best step and resumed
     ends with the same weights and selection as an uninterrupted one. (Highest loss: the first
     step's, on the weights before any update, which only the checkpoint still holds.)"""
     cfg = dict(SELECT, save_steps=2, select_mode="max")
     straight = pipeline.align(dict(cfg), tmp_path / "straight", progress=False)
     killed = tmp_path / "killed"
-    with pytest.MonkeyPatch.context() as mp:
-        _kill_at_call(mp, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.align(dict(cfg), killed, progress=False)
+    _align_killed_at_call(cfg, killed, 5)
     progress = json.loads((killed / "checkpoint" / "progress.json").read_text())
     assert progress["step"] == 4 and progress["selected"]["key"] == "loss"
     pipeline.align(dict(cfg), killed, progress=False)
