@@ -14,10 +14,10 @@ inflate); with --profile, operators_per_step and casts_per_step (count_operators
 defense runs in its own subprocess so that peak memory is its own: on CUDA the peak of
 torch.cuda.max_memory_allocated during the timed steps, on CPU the peak resident set size of
 the process (model, data and Python included, so CPU memory ratios understate the difference
-in training state). Same model, data, batch size and
-sequence length for every defense; the first step is a warm-up and is not timed. The
-timed steps cover --steps micro-steps, so for an amortized row pick --steps as a multiple of k
-(the warm-up step is a refresh, the timed ones start a new cycle).
+in training state). Same model, data, batch size and sequence length for every defense; the
+first step is a warm-up and is not timed. The timed steps cover --steps micro-steps, so for an
+amortized row pick --steps as a multiple of k (the warm-up step is a refresh, the timed ones
+start a new cycle).
 
 --amortized K adds, after the every-step row of each defense that has an amortized mode
 (CTRAP trap_every, Booster and SEAM lookahead_every), a row NAME-amortized-kK run with that

@@ -185,9 +185,9 @@ def run_(experiment, only, gpus, workers_per_gpu, cluster, data_dir, dry_run, qu
 
     Finished stages are reused and a killed run resumes: rerun the same command. With --gpus,
     the cells of different (defense, seed) groups run at the same time, one worker process per
-    GPU (CUDA_VISIBLE_DEVICES set to its id; --workers-per-gpu N: N per GPU); with --cluster slurm, one Slurm job per group
-    (submitit; `local` runs the jobs as local processes, `debug` in this process); without
-    either, one cell after another."""
+    GPU (CUDA_VISIBLE_DEVICES set to its id; --workers-per-gpu N: N per GPU); with --cluster
+    slurm, one Slurm job per group (submitit; `local` runs the jobs as local processes, `debug`
+    in this process); without either, one cell after another."""
     from .experiment import describe, expand, load_experiment, read_results, run_experiment
     from .report import summary_table, write_report
 
