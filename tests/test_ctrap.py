@@ -714,3 +714,28 @@ def test_trap_gap_from_the_collapse_losses_at_theta_and_the_deepest_point(trap_s
     for p in d.params:
         p.grad = None
     assert "trap_gap" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no gap"
+
+
+@pytest.mark.parametrize("options", [{}, {"trap_steps": 2, "step_direction": "sign", "project_out_general": True},
+                                     {"trap_every": 3}])
+def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options):
+    """The held-out probe (the alignment monitor's) logs what a training micro-step on the
+    same batches logs (same simulated points, same collapse losses at θ and at them, same
+    trap_gap), and leaves parameters bit-identical, p.grad empty and the amortized cache and
+    step count as they were."""
+    model, tok = _model()
+    b = _batches(tok)
+    d = _defense(model, tok, alpha=0.5, **options)
+    before = [p.detach().clone() for p in d.params]
+    probed = d.probe(b)
+    assert all(p.grad is None for p in d.params)
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert d.cached_trap is None and d.steps_seen == 0
+    trained = d.accumulate(b, scale=1.0)
+    keys = {"trap_gap", "collapse_loss", "collapse_loss_at_theta", "harmful_loss", "align_loss"}
+    if options.get("trap_steps"):
+        keys |= {"collapse_loss_step1", "collapse_loss_step2", "harmful_loss_step1", "harmful_general_cos"}
+    assert keys <= set(probed)
+    for k in keys:
+        assert math.isclose(probed[k], trained[k], rel_tol=1e-5, abs_tol=1e-6), k
+    assert probed["trap_gap"] != 0.0

@@ -434,3 +434,101 @@ def test_select_by_a_value_not_logged_fails_at_the_first_step(tmp_path, monkeypa
         pipeline.align(dict(SELECT, select_mode="best"), tmp_path / "bad2", progress=False)
     with pytest.raises(pipeline.ConfigError, match="not supported with fsdp"):
         pipeline.align(dict(SELECT, fsdp=True), tmp_path / "bad3", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The alignment's held-out monitor (monitor_samples), and selecting by one of its values
+# ---------------------------------------------------------------------------------------------
+
+CTRAP_MONITORED = dict(ALIGN, defense="ctrap", max_steps=3, save_steps=0, lora_dropout=0.0,
+                       monitor_samples=3, monitor_new_tokens=4, **{"ctrap.alpha": 0.5})
+
+
+def _log(run_dir):
+    return [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path):
+    """Every logging step (and step 0) logs the held-out losses, the greedy answers' rates and
+    CTRAP's probe; the trained weights are bit-identical to a run without the monitor (the
+    probe moves the parameters and takes gradients, and must leave no trace)."""
+    monitored = pipeline.align(dict(CTRAP_MONITORED), tmp_path / "monitored", progress=False)
+    plain = pipeline.align(dict(CTRAP_MONITORED, monitor_samples=0), tmp_path / "plain", progress=False)
+    logged = _log(monitored)
+    assert [r["step"] for r in logged] == [0, 1, 2, 3]
+    want = {"harmful_loss", "collapse_loss", "alignment_loss", "general_loss", "collapse_token_share",
+            "degenerate_rate", "refusal_rate", "ctrap/trap_gap", "ctrap/collapse_loss_at_theta"}
+    for row in logged:
+        values = {k[len("monitor/"):]: v for k, v in row.items() if k.startswith("monitor/")}
+        assert want <= set(values), row
+        assert all(math.isfinite(v) for v in values.values()), row
+        assert 0.0 <= values["refusal_rate"] <= 1.0 and -1.0 <= values["ctrap/trap_gap"] <= 1.0
+    assert len({r["monitor/ctrap/collapse_loss_at_theta"] for r in logged}) == 4, "measured anew each step"
+    assert not any(k.startswith("monitor/") for r in _log(plain) for k in r)
+    _assert_same_adapter(_adapter(plain), _adapter(monitored))
+
+
+def test_align_monitor_reads_the_end_of_the_test_splits(tmp_path, monkeypatch):
+    """The monitor's held-out examples are the last monitor_samples of the harmful and general
+    test splits (evaluation reads the first ones)."""
+    from inoculate.data.sources import load_records
+
+    seen = []
+    real = pipeline._loss_monitor
+
+    def spy(probe, tok, cfg, device, collapse_text, general=None):
+        seen.append((probe, general))
+        return real(probe, tok, cfg, device, collapse_text, general)
+
+    monkeypatch.setattr(pipeline, "_loss_monitor", spy)
+    pipeline.align(dict(CTRAP_MONITORED, max_steps=1), tmp_path / "run", progress=False)
+    (probe, general), = seen
+    assert probe == load_records("starter", "test")[-3:]
+    assert general == load_records("starter_general", "test")[-3:]
+
+
+def test_select_by_a_monitor_value_keeps_the_weights_it_was_measured_on(tmp_path):
+    """A monitor value at step N is measured after step N's update: selecting by it keeps the
+    weights after N updates (a run stopped after N steps), not N − 1 as for a step's losses."""
+    cfg = dict(SELECT, monitor_samples=3, monitor_new_tokens=4, lora_dropout=0.0, learning_rate=0.1,
+               select_by="monitor/alignment_loss", select_mode="min")  # lr 0.1: it overshoots
+    selected = pipeline.align(dict(cfg), tmp_path / "selected", progress=False)
+    logged = _log(selected)
+    best = min(logged, key=lambda r: r["monitor/alignment_loss"])
+    assert 0 < best["step"] < cfg["max_steps"], "the comparison below needs an inner step"
+    info = json.loads((selected / runs.RUN_MARKER).read_text())
+    assert info["selected"] == {"step": best["step"], "updates": best["step"], "key": "monitor/alignment_loss",
+                                "value": best["monitor/alignment_loss"]}
+    stopped = pipeline.align(dict(ALIGN, max_steps=best["step"], save_steps=0, lora_dropout=0.0,
+                                  learning_rate=0.1),
+                             tmp_path / "stopped", progress=False)
+    _assert_same_adapter(_adapter(stopped), _adapter(selected))
+    # select_limits leave out the steps that break them: here the best one
+    limit = f"monitor/alignment_loss>={best['monitor/alignment_loss'] + 1e-6}"
+    limited = pipeline.align(dict(cfg, select_limits=[limit]), tmp_path / "limited", progress=False)
+    second = min((r for r in logged if r["step"] != best["step"]), key=lambda r: r["monitor/alignment_loss"])
+    info = json.loads((limited / runs.RUN_MARKER).read_text())
+    assert info["selected"]["step"] == second["step"] and info["selected"]["limits"] == [limit]
+    with pytest.raises(RuntimeError, match=r"no logged step .*within select_limits \['monitor/alignment_loss<=0'\]"):
+        pipeline.align(dict(cfg, select_limits=["monitor/alignment_loss<=0"]), tmp_path / "none", progress=False)
+    assert not (tmp_path / "none" / "model").exists()
+
+
+def test_monitor_options_are_checked_before_training(tmp_path):
+    with pytest.raises(pipeline.ConfigError, match="set monitor_samples > 0"):
+        pipeline.align(dict(SELECT, select_by="monitor/ctrap/trap_gap"), tmp_path / "a", progress=False)
+    with pytest.raises(pipeline.ConfigError, match="monitor_samples.*not supported with fsdp"):
+        pipeline.align(dict(ALIGN, monitor_samples=2, fsdp=True), tmp_path / "b", progress=False)
+    with pytest.raises(pipeline.ConfigError, match=r"select_limits entry 'grad_norm<3': write KEY<=NUMBER"):
+        pipeline.align(dict(SELECT, select_limits=["grad_norm<3"]), tmp_path / "e", progress=False)
+    with pytest.raises(pipeline.ConfigError, match=r"select_limits key\(s\) \['monitor/refusal_rate'\] .*different points"):
+        pipeline.align(dict(SELECT, monitor_samples=2, select_limits=["monitor/refusal_rate>=0.5"]),
+                       tmp_path / "f", progress=False)
+    with pytest.raises(pipeline.ConfigError, match="select_by, which is not set"):
+        pipeline.align(dict(ALIGN, select_limits=["loss<=1"]), tmp_path / "g", progress=False)
+    with pytest.raises(pipeline.ConfigError, match="monitor_samples must be >= 0"):
+        pipeline.align(dict(ALIGN, monitor_samples=-1), tmp_path / "c", progress=False)
+    # a monitor key that is not logged fails on the step-0 measurement, before any update
+    with pytest.raises(pipeline.ConfigError, match=r"select_by='monitor/trap_gap'.*step 0: .*monitor/ctrap/trap_gap"):
+        pipeline.align(dict(CTRAP_MONITORED, select_by="monitor/trap_gap"), tmp_path / "d", progress=False)
+    assert not (tmp_path / "d" / "log.jsonl").exists() or not _log(tmp_path / "d")

@@ -82,6 +82,19 @@ def test_bad_experiment_is_a_config_error(change, message):
         expand({**SPEC, **change})
 
 
+def test_an_alignment_monitor_that_reads_evaluation_prompts_is_refused():
+    """The monitor takes the last monitor_samples test examples, evaluation the first ones: a
+    grid where they meet is refused before anything runs (starter: 40 harmful, 33 general)."""
+    spec = {**SPEC, "align": {"max_steps": 2, "monitor_samples": 8}}
+    with pytest.raises(ConfigError, match=r"monitor_samples=8 .*harmful_samples=1000 .*share 8 examples"):
+        expand({**spec, "evaluate": {"suite": ["harmful"]}})
+    with pytest.raises(ConfigError, match=r"general_samples=26 .*share 1 examples"):
+        expand({**spec, "evaluate": {"suite": ["harmful", "general"], "harmful_samples": 32,
+                                     "general_samples": 26}})
+    assert expand({**spec, "evaluate": {"suite": ["harmful", "general"], "harmful_samples": 32,
+                                        "general_samples": 25}})
+
+
 def test_bad_experiment_files(tmp_path):
     with pytest.raises(ConfigError, match="experiment file '.*missing.yaml' does not exist"):
         load_experiment(str(tmp_path / "missing.yaml"))

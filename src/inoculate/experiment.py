@@ -210,6 +210,7 @@ def expand(spec: dict) -> list[Cell]:
         pipeline.align_config(align)  # validate now, not halfway through the grid
         evaluate = {**shared, **(spec.get("evaluate") or {})}
         pipeline.eval_config({**evaluate, "model": "placeholder"})  # validate
+        pipeline.check_monitor_apart(align, evaluate)
         align_out = spec.get("align_out")
         cells.append(Cell(label, "none", seed, align, None, evaluate, align_out=align_out))
         for alabel, (avalues, sweep, chain) in entries.items():

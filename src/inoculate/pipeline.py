@@ -24,7 +24,8 @@ from .defenses.sft import SFT, SFTConfig
 from .models import (MODEL_META, add_lora, load_model, pick_device, save_model, _base_location,
                      _resolve_spec)
 from .registry import Registry
-from .training import Selection, Stream, TrainingArgs, train
+from .training import (MONITOR_PREFIX, Selection, Stream, TrainingArgs, parse_limit, to_device, train,
+                       use_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,25 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     fsdp: bool = doc(False, "shard parameters, gradients and optimizer state with FSDP2 (fully_shard) across the processes of torchrun / accelerate launch; ignored in one process")
     select_by: str = doc("", "keep the weights of the logging step where this logged value was best (e.g. ctrap's trap_gap with select_mode=max) instead of the last step's; '' = the last step")
     select_mode: str = doc("min", "select_by: min (lowest value) | max (highest)")
+    select_limits: list[str] = doc([], "select_by: only steps whose logged values keep these bounds, each KEY<=NUMBER or KEY>=NUMBER (e.g. monitor/collapse_token_share<=0.02 with select_by monitor/ctrap/trap_gap); the run fails if no step does")
+    monitor_samples: int = doc(0, "held-out validation set measured at every logging step (0: off): the last N harmful prompts of the test split and the last N general examples (losses, greedy answers' collapse-token share, degenerate and refusal rates, the defense's own probe, e.g. monitor/ctrap/trap_gap), logged as monitor/...; select_by can name them. Evaluation reads the test split's first prompts: keep the two apart")
+    monitor_new_tokens: int = doc(24, "monitor_samples: new tokens per greedy answer")
 
     def __post_init__(self):
         if self.select_mode not in ("min", "max"):
             raise ConfigError(f"select_mode must be min or max, got {self.select_mode!r}")
+        if self.monitor_samples < 0 or self.monitor_new_tokens < 1:
+            raise ConfigError(f"monitor_samples must be >= 0 and monitor_new_tokens >= 1, got "
+                              f"{self.monitor_samples} and {self.monitor_new_tokens}")
+        if self.select_limits and not self.select_by:
+            raise ConfigError("select_limits bound the candidates of select_by, which is not set")
+        if self.select_by:  # checks the limits' syntax and that they are logged with select_by
+            Selection(self.select_by, self.select_mode, self.select_limits)
+        monitored = [k for k in [self.select_by, *(parse_limit(t)[0] for t in self.select_limits)]
+                     if k.startswith(MONITOR_PREFIX)]
+        if monitored and not self.monitor_samples:
+            raise ConfigError(f"select_by={self.select_by!r} names a monitor value: set monitor_samples > 0 "
+                              f"(the held-out examples it is measured on)")
 
 
 @dataclass
@@ -134,7 +150,8 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # Fields added after run directories already existed. While at their defaults they are left out
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
-    "align": ("exclude_categories", "fsdp", "select_by", "select_mode"),
+    "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
+              "monitor_samples", "monitor_new_tokens"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples"),
     "evaluate": ("extra_judges",),
@@ -196,11 +213,44 @@ def align_config(values: dict) -> tuple[AlignConfig, object, dict]:
     if cfg.fsdp and cfg.select_by:
         raise ConfigError("select_by (keeping the weights of the best logged step) is not supported "
                           "with fsdp=true")
+    if cfg.fsdp and cfg.monitor_samples:
+        raise ConfigError("monitor_samples (the held-out alignment monitor, which generates answers) is "
+                          "not supported with fsdp=true")
     if cfg.fsdp and _needs_eager(dcfg):
         raise ConfigError(f"fsdp=true does not combine with {defense_name}'s exact second-order option "
                           f"(double backward through sharded parameters is not supported); "
                           f"use the first-order default or run without fsdp")
     return cfg, dcfg, resolved
+
+
+def check_monitor_apart(align: dict, evaluate: dict) -> None:
+    """A ConfigError when the alignment monitor's held-out examples (the last monitor_samples of
+    the harmful and general test splits) include examples the evaluation reads (the first
+    harmful_samples / general_samples): selecting weights by the monitor would then tune on the
+    evaluation set. Loads the test splits, and only when the monitor is on."""
+    cfg, _, _ = align_config(align)
+    if not cfg.monitor_samples:
+        return
+    ecfg, _ = eval_config({**evaluate, "model": "-"})
+    suite, esuite = _suite(cfg), _suite(ecfg)
+    parts = []
+    if "harmful" in ecfg.suite:
+        parts.append(("harmful", "harmful_samples", ecfg.harmful_samples,
+                      harmful_records(cfg, suite.harmful_test_split, last=cfg.monitor_samples),
+                      harmful_records(ecfg, esuite.harmful_test_split, limit=ecfg.harmful_samples)))
+    if "general" in ecfg.suite:
+        parts.append(("general", "general_samples", ecfg.general_samples,
+                      _records(cfg.general_data or suite.general, suite.general_test_split, cfg.data_dir,
+                               last=cfg.monitor_samples),
+                      general_records(ecfg, esuite.general_test_split, limit=ecfg.general_samples)))
+    for what, field, n, mine, theirs in parts:
+        shared = {(r.prompt, r.input) for r in mine} & {(r.prompt, r.input) for r in theirs}
+        if shared:
+            raise ConfigError(
+                f"align monitor_samples={cfg.monitor_samples} (the last {what} test examples) and "
+                f"evaluate {field}={n} (the first ones) share {len(shared)} examples, e.g. "
+                f"{sorted(shared)[0][0][:60]!r}: the monitor would read the evaluation set; lower one "
+                f"of them")
 
 
 def attack_config(values: dict) -> tuple[AttackConfig, dict]:
@@ -331,20 +381,24 @@ def build_align_streams(defense, cfg: AlignConfig, tok, rank=0, world=1) -> dict
                                   f"records without a refusal (e.g. {missing[0]!r}); alignment needs refusals")
         if spec.role == "general" and general is None:
             general = general_records(cfg, _suite(cfg).general_train_split, limit=cfg.num_general_samples)
-        if spec.role == "align":
-            examples = _encode(harmful, tok, cfg, "refusal")
-        elif spec.role == "harmful":
-            examples = _encode(harmful, tok, cfg, "response")
-        elif spec.role == "general":
-            examples = _encode(general, tok, cfg, "response")
-        elif spec.role == "paired":
-            examples = [{"harmful": h, "refusal": r} for h, r in
-                        zip(_encode(harmful, tok, cfg, "response"), _encode(harmful, tok, cfg, "refusal"))]
-        else:
-            raise ValueError(f"defense {defense.name!r} asks for unknown stream role {spec.role!r}")
-        streams[name] = Stream(name, examples, spec.batch_size, tok.pad_token_id, cfg.seed,
+        streams[name] = Stream(name, _role_examples(defense, spec.role, harmful, general, tok, cfg),
+                               spec.batch_size, tok.pad_token_id, cfg.seed,
                                paired=spec.role == "paired", rank=rank, world_size=world)
     return streams
+
+
+def _role_examples(defense, role: str, harmful, general, tok, cfg) -> list:
+    """The encoded examples of a stream role (StreamSpec) from harmful and general records."""
+    if role == "align":
+        return _encode(harmful, tok, cfg, "refusal")
+    if role == "harmful":
+        return _encode(harmful, tok, cfg, "response")
+    if role == "general":
+        return _encode(general, tok, cfg, "response")
+    if role == "paired":
+        return [{"harmful": h, "refusal": r} for h, r in
+                zip(_encode(harmful, tok, cfg, "response"), _encode(harmful, tok, cfg, "refusal"))]
+    raise ValueError(f"defense {defense.name!r} asks for unknown stream role {role!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,9 +462,10 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
     defense.setup(model, tok)
     streams = build_align_streams(defense, cfg, tok, rank, world)
     main = next(iter(defense.streams()))
-    selection = Selection(cfg.select_by, cfg.select_mode) if cfg.select_by else None
+    selection = Selection(cfg.select_by, cfg.select_mode, cfg.select_limits) if cfg.select_by else None
+    monitor = _align_monitor(cfg, dcfg, defense, tok, device) if cfg.monitor_samples else None
     result = train(model, defense, streams, cfg, out, main_stream=main, progress=progress,
-                   selection=selection)
+                   selection=selection, monitor=monitor)
     if world > 1:
         import torch.distributed as dist
 
@@ -562,7 +617,10 @@ def attack(values: dict, out: str, overwrite: bool = False, progress: bool = Tru
     else:
         stream = Stream("attack", examples, cfg.per_device_train_batch_size, tok.pad_token_id, cfg.seed)
     streams = {"align": stream}
-    monitor = _loss_monitor(cfg, tok, device) if cfg.monitor_samples else None
+    monitor = None
+    if cfg.monitor_samples:
+        probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
+        monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text)
     result = train(model, attacker, streams, cfg, out, main_stream="align", monitor=monitor,
                    progress=progress)
     save_model(model, tok, out / "model", base=base)
@@ -594,34 +652,95 @@ def _attacker(cfg: AttackConfig, tok):
     return attacker
 
 
-def _loss_monitor(cfg, tok, device):
-    """Harmful, alignment and collapse losses on held-out harmful prompts during the attack
-    (the CTRAP paper's Figure 3)."""
+def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
+                  general: Optional[list[Record]] = None):
+    """Harmful, alignment and collapse losses on held-out harmful prompts `probe` (the CTRAP
+    paper's Figure 3: the attack's curves), and with `general` the general answers' CE."""
     from .data.encode import collate
     from .defenses.base import token_ce
     from .evaluation.metrics import collapse_token_id
 
-    probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
+    def batch(records, target):
+        return {k: v.to(device) for k, v in
+                collate(_encode(records, tok, cfg, target), tok.pad_token_id).items()}
+
     with_refusal = [r for r in probe if r.refusal is not None]
-    harmful_b = collate(_encode(probe, tok, cfg, "response"), tok.pad_token_id)
-    align_b = collate(_encode(with_refusal, tok, cfg, "refusal"), tok.pad_token_id) if with_refusal else None
-    e = collapse_token_id(tok, cfg.collapse_text)
+    harmful_b = batch(probe, "response")
+    align_b = batch(with_refusal, "refusal") if with_refusal else None
+    general_b = batch(general, "response") if general else None
+    e = collapse_token_id(tok, collapse_text)
     collapse_labels = torch.where(harmful_b["labels"] != -100, e, -100)
-    harmful_b = {k: v.to(device) for k, v in harmful_b.items()}
-    collapse_labels = collapse_labels.to(device)
-    align_b = {k: v.to(device) for k, v in align_b.items()} if align_b else None
 
     @torch.no_grad()
     def monitor(model):
+        def logits(b):
+            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
         was_training = model.training
         model.eval()
-        logits = model(input_ids=harmful_b["input_ids"], attention_mask=harmful_b["attention_mask"]).logits
-        out = {"harmful_loss": float(token_ce(logits, harmful_b["labels"])),
-               "collapse_loss": float(token_ce(logits, collapse_labels))}
+        harmful_logits = logits(harmful_b)
+        out = {"harmful_loss": float(token_ce(harmful_logits, harmful_b["labels"])),
+               "collapse_loss": float(token_ce(harmful_logits, collapse_labels))}
+        del harmful_logits
         if align_b is not None:
-            logits = model(input_ids=align_b["input_ids"], attention_mask=align_b["attention_mask"]).logits
-            out["alignment_loss"] = float(token_ce(logits, align_b["labels"]))
+            out["alignment_loss"] = float(token_ce(logits(align_b), align_b["labels"]))
+        if general_b is not None:
+            out["general_loss"] = float(token_ce(logits(general_b), general_b["labels"]))
         model.train(was_training)
+        return out
+
+    return monitor
+
+
+def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
+    """The alignment's held-out monitor (monitor_samples = N > 0), run at every logging step on
+    the weights after that step's update: on the last N harmful prompts of the test split and
+    the last N general test examples (evaluation reads the first ones), the losses of
+    `_loss_monitor` and general_loss; the greedy answers' (monitor_new_tokens) collapse-token
+    share and keyword degenerate / refusal rates, as evaluation counts them; and the defense's
+    own `probe` on held-out batches built like its training streams, under the training's
+    autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap)."""
+    from .evaluation.generate import generate
+    from .evaluation.judges import keyword_label
+    from .evaluation.metrics import collapse_token_id, generation_stats
+
+    suite = _suite(cfg)
+    n = cfg.monitor_samples
+    harmful = harmful_records(cfg, suite.harmful_test_split, last=n)
+    general = _records(cfg.general_data or suite.general, suite.general_test_split, cfg.data_dir, last=n)
+    if not harmful or not general:
+        raise ConfigError(f"monitor_samples: the test splits have no held-out records "
+                          f"({len(harmful)} harmful, {len(general)} general)")
+    collapse_text = getattr(dcfg, "collapse_text", "an error")
+    losses = _loss_monitor(harmful, tok, cfg, device, collapse_text, general)
+    token = collapse_token_id(tok, collapse_text)
+    batches = {}
+    for name, spec in defense.streams().items():
+        if spec.role in ("align", "paired") and any(r.refusal is None for r in harmful):
+            raise ConfigError(f"monitor_samples: held-out harmful records of split "
+                              f"{suite.harmful_test_split!r} lack refusals, which {defense.name}'s "
+                              f"{name!r} stream needs")
+        examples = _role_examples(defense, spec.role, harmful, general, tok, cfg)
+        # one batch of all of them, collated as the training stream collates
+        batches[name] = to_device(Stream(name, examples, len(examples), tok.pad_token_id, 0,
+                                         paired=spec.role == "paired").next(), device)
+    bf16 = use_bf16(cfg, device)
+
+    def monitor(model):
+        out = losses(model)
+        answers = generate(model, tok, harmful, cfg.template, cfg.monitor_new_tokens,
+                           batch_size=len(harmful), progress=False)
+        labels = [keyword_label(a) for a in answers]
+        share = generation_stats(answers, tok, token)["collapse_token_share"]  # None: all empty
+        out.update(collapse_token_share=math.nan if share is None else share,
+                   degenerate_rate=labels.count("degenerate") / len(labels),
+                   refusal_rate=labels.count("refusal") / len(labels))
+        was_training = model.training
+        model.eval()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            probe = defense.probe(batches)
+        model.train(was_training)
+        out.update({f"{defense.name}/{k}": v for k, v in probe.items()})
         return out
 
     return monitor

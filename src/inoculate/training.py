@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -230,8 +231,16 @@ def train(
     t0 = time.time()
     logs: dict = {}
     reported: Dict[str, float] = {}  # the latest value of every loss a step reported
+    on_monitor = selection is not None and selection.key.startswith(MONITOR_PREFIX)
+    if on_monitor and monitor is None:
+        raise ConfigError(f"select_by={selection.key!r} names a monitor value, but this run has no "
+                          f"monitor (align: set monitor_samples > 0)")
     if monitor is not None and start == 0:
-        loggers.write(0, {f"monitor/{k}": v for k, v in monitor(model).items()})
+        values = {f"{MONITOR_PREFIX}{k}": v for k, v in monitor(model).items()}
+        if on_monitor:  # the weights before any update are a candidate too
+            selection.offer(0, values, named, updates=0)
+        if rank0:
+            loggers.write(0, values)
     bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=f"{defense.name}",
                disable=not (progress and rank0), dynamic_ncols=True)
     for step in bar:
@@ -269,13 +278,13 @@ def train(
         # a loss this step did not report (an amortized look-ahead loss between refreshes) is
         # logged with its latest value, so a logging step that is not a refresh still shows it
         reported.update(sums)
-        if selection is not None:
+        if selection is not None and not on_monitor:
             # the step's losses describe the weights it started from: those are the candidate
             own = dict(reported, grad_norm=grad_norm)
             if done == start + 1:
                 selection.check(done, own)  # a misspelt key fails now, not at a logging step
             if logging_step:
-                selection.offer(done, own, named)
+                selection.offer(done, own, named, updates=done - 1)
         if args.max_grad_norm and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
@@ -284,8 +293,10 @@ def train(
                     elapsed_s=round(time.time() - t0, 2))
         bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
         if logging_step:
-            if monitor is not None:
-                logs.update({f"monitor/{k}": v for k, v in monitor(model).items()})
+            if monitor is not None:  # measured on the weights after this step's update
+                logs.update({f"{MONITOR_PREFIX}{k}": v for k, v in monitor(model).items()})
+                if on_monitor:
+                    selection.offer(done, logs, named, updates=done)
             if rank0:
                 loggers.write(done, logs)
         if args.save_steps and done % args.save_steps == 0 and done < n_steps and (rank0 or sharded):
@@ -303,51 +314,88 @@ def train(
                        selected=chosen)
 
 
+MONITOR_PREFIX = "monitor/"  # the logged name of every value the run's monitor returns
+_LIMIT = re.compile(r"^\s*(\S+?)\s*(<=|>=)\s*(\S+)\s*$")
+
+
+def parse_limit(text: str) -> tuple[str, str, float]:
+    """`KEY<=NUMBER` or `KEY>=NUMBER` (a select_limits entry) as (key, operator, number)."""
+    match = _LIMIT.match(str(text))
+    try:
+        if not match:
+            raise ValueError
+        return match[1], match[2], float(match[3])
+    except ValueError:
+        raise ConfigError(f"select_limits entry {text!r}: write KEY<=NUMBER or KEY>=NUMBER, e.g. "
+                          f"monitor/collapse_token_share<=0.02") from None
+
+
 class Selection:
     """Keeps the trainable weights of the logging step where the logged value `key` was lowest
     (mode "min") or highest ("max"); `train` puts them back at the end. The candidates are the
     logging steps (every `logging_steps` and the last), each with the weights its value was
     measured on: the losses a defense reports at step N (and grad_norm) are those of the weights
-    step N started from, i.e. after N − 1 updates. The kept copy lives in CPU memory (one copy
-    of the trainable weights) and in every checkpoint, so a resumed run selects among all its
-    steps. Non-finite values are never selected. Not for FSDP-sharded parameters (the pipeline
-    refuses select_by with fsdp)."""
+    step N started from, i.e. after N − 1 updates; a monitor value (`monitor/...`, measured on
+    held-out data after the step's update) is that of the weights after N updates, and the
+    weights before any update (step 0) are a candidate too. `limits` (`KEY<=NUMBER`,
+    `KEY>=NUMBER`) leave out the candidates whose logged KEY breaks one (KEY must be logged with
+    `key`: both monitor values or both step values); when every candidate broke one, `restore`
+    fails instead of keeping weights the limits ruled out. The kept copy lives in CPU memory
+    (one copy of the trainable weights) and in every checkpoint, so a resumed run selects among
+    all its steps. Non-finite values are never selected. Not for FSDP-sharded parameters (the
+    pipeline refuses select_by with fsdp)."""
 
-    def __init__(self, key: str, mode: str = "min"):
+    def __init__(self, key: str, mode: str = "min", limits=()):
         if mode not in ("min", "max"):
             raise ValueError(f"selection mode must be min or max, got {mode!r}")
         self.key, self.mode = key, mode
+        self.limit_texts = [str(t) for t in limits]
+        self.limits = [parse_limit(t) for t in self.limit_texts]
+        mixed = [k for k, _, _ in self.limits if k.startswith(MONITOR_PREFIX) != key.startswith(MONITOR_PREFIX)]
+        if mixed:
+            raise ConfigError(f"select_limits key(s) {mixed} and select_by={key!r} are logged at different "
+                              f"points (monitor values after a step's update, step values before it): use "
+                              f"both monitor values or both step values")
         self.step: Optional[int] = None
         self.updates: Optional[int] = None  # optimizer updates in the kept weights
         self.value: Optional[float] = None
         self.weights: Optional[Dict[str, torch.Tensor]] = None
 
-    def offer(self, step: int, logs: dict, named) -> None:
+    def offer(self, step: int, logs: dict, named, updates: int) -> None:
+        """The weights `named` (after `updates` optimizer updates), logged at `step`."""
         self.check(step, logs)
         value = float(logs[self.key])
-        if not math.isfinite(value):
+        if not math.isfinite(value) or not self.within_limits(logs):
             return
         if self.value is None or (value < self.value if self.mode == "min" else value > self.value):
-            self.step, self.value = step, value
-            self.updates = step - 1
+            self.step, self.value, self.updates = step, value, updates
             self.weights = {n: p.detach().to("cpu", copy=True) for n, p in named}
 
+    def within_limits(self, logs: dict) -> bool:
+        values = [float(logs[k]) for k, _, _ in self.limits]
+        return all(math.isfinite(v) and (v <= bound if op == "<=" else v >= bound)
+                   for v, (_, op, bound) in zip(values, self.limits))
+
     def check(self, step: int, logs: dict) -> None:
-        """Raises a ConfigError naming the logged values when the key is not among them."""
-        if self.key not in logs:
-            raise ConfigError(f"select_by={self.key!r} is not among the values logged at step {step}: "
-                              f"{', '.join(sorted(logs))}")
+        """Raises a ConfigError naming the logged values when a key is not among them."""
+        for key, what in [(self.key, "select_by"), *((k, "select_limits") for k, _, _ in self.limits)]:
+            if key not in logs:
+                raise ConfigError(f"{what}={key!r} is not among the values logged at step {step}: "
+                                  f"{', '.join(sorted(logs))}")
 
     def restore(self, named) -> dict:
         if self.weights is None:
-            raise RuntimeError(f"select_by={self.key!r}: no logged step had a finite value to select")
+            met = f" within select_limits {self.limit_texts}" if self.limits else ""
+            raise RuntimeError(f"select_by={self.key!r}: no logged step had a finite value{met} to select; "
+                               f"the model is not saved (the log shows every logged step's values)")
         with torch.no_grad():
             for n, p in named:
                 p.copy_(self.weights[n].to(p.device, p.dtype))
         return self.record()
 
     def record(self) -> dict:
-        return {"step": self.step, "updates": self.updates, "key": self.key, "value": self.value}
+        return {"step": self.step, "updates": self.updates, "key": self.key, "value": self.value,
+                **({"limits": self.limit_texts} if self.limits else {})}
 
 
 def _grad_norm(params: List[torch.nn.Parameter]) -> float:

@@ -80,6 +80,13 @@ class Defense:
     def accumulate(self, batches: Dict[str, dict], scale: float) -> Dict[str, float]:
         raise NotImplementedError
 
+    def probe(self, batches: Dict[str, dict]) -> Dict[str, float]:
+        """Values of the defense's own objective on held-out batches (one per stream, same
+        names as `streams()`), for the alignment monitor (`monitor_samples`): no gradient is
+        added to p.grad, no state of the defense changes, and the parameters end bit-identical.
+        The engine logs them as monitor/<defense name>/<key>. Default: none."""
+        return {}
+
     # -- shared helpers -------------------------------------------------------------------------
     def forward(self, batch: dict, **kw):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)

@@ -160,6 +160,11 @@ def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
     return out
 
 
+def cosine(a: list, b: list) -> float:
+    """cos(a, b) of two gradients given as lists of tensors."""
+    return float(dot(a, b) / (global_norm(a) * global_norm(b) + 1e-30))
+
+
 def collapse_loss(logits: torch.Tensor, labels: torch.Tensor, target: str, token: int,
                   distribution: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over answer positions (labels != -100) of the cross-entropy to the collapse target."""
@@ -253,7 +258,7 @@ class CTRAP(Defense):
             loss_h = self.lm_loss(batches["harmful"])
             g_h = self.grads(loss_h)
             if away is not None:
-                logs["harmful_general_cos"] = float(dot(g_h, away) / (global_norm(g_h) * global_norm(away) + 1e-30))
+                logs["harmful_general_cos"] = cosine(g_h, away)
             direction, step = self.simulated_step(g_h, away)
             del g_h
             self.cached_trap = None  # the old cache goes before the new one is built
@@ -278,6 +283,38 @@ class CTRAP(Defense):
                                                                      logs["align_loss"])
         if "collapse_loss" in logs:  # the trap ran this micro-step
             logs["trap_gap"] = self.trap_gap(logs)
+        return logs
+
+    def probe(self, batches):
+        """The trap on held-out batches (the alignment monitor): the same simulated harmful
+        step(s) as training (first order; with second_order the point θ' is the same), on the
+        held-out harmful batch, and the collapse loss at the deepest point and at θ on the
+        held-out retain batch. Logs trap_gap, collapse_loss (mean over the points, as in
+        training), collapse_loss_at_theta, align_loss and harmful_loss; with trap_steps > 1 the
+        per-point losses, with project_out_general harmful_general_cos, as training does. Nothing reaches p.grad; θ is restored bit-exactly."""
+        c = self.config
+        retain = concat_batches(batches["align"], batches["general"], self.pad_id)
+        trap_batch = retain if c.collapse_data == "retain" else batches["general"]
+        with torch.no_grad():
+            logits, labels = self.answer_logits(retain)
+            align_loss = token_ce(logits, labels).item()
+            logs = {"align_loss": align_loss,
+                    "collapse_loss_at_theta": self._collapse_at_theta(logits, labels, align_loss)}
+            del logits
+        away = None
+        if c.project_out_general:
+            away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
+        loss_h = self.lm_loss(batches["harmful"])
+        logs["harmful_loss"] = loss_h.item()
+        g_h = self.grads(loss_h)
+        del loss_h
+        if away is not None:
+            logs["harmful_general_cos"] = cosine(g_h, away)
+        direction, step = self.simulated_step(g_h, away)
+        del g_h
+        logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, 0.0, away,
+                                           apply=False))
+        logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
     def trap_gap(self, logs: dict) -> float:
@@ -306,14 +343,16 @@ class CTRAP(Defense):
         gap = (label_logit.float() - shift[..., self.token].float())[mask]
         return align_loss + gap.mean().item()
 
-    def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale, away=None) -> dict:
+    def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale, away=None,
+                          apply: bool = True) -> dict:
         """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
 
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
         from θ_k, and θ is restored bit-exactly from the one saved copy at the end. Each collapse
         gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
         (amortized mode) into the cache, which so holds λ times the mean over the K points.
-        `away` (project_out_general) is projected out of every harmful gradient."""
+        `away` (project_out_general) is projected out of every harmful gradient. `apply=False`
+        (the held-out probe) only measures the collapse losses: no collapse gradient is taken."""
         c = self.config
         K = c.trap_steps
         collapse_losses, harmful_losses = [], []
@@ -325,11 +364,12 @@ class CTRAP(Defense):
                     direction, step = self.simulated_step(self.grads(loss_h), away)  # all-reduced like g_h
                     del loss_h
                     self._step_further(direction, step)
-                loss_c = self.collapse(*self.answer_logits(trap_batch))
+                with torch.set_grad_enabled(apply and torch.is_grad_enabled()):
+                    loss_c = self.collapse(*self.answer_logits(trap_batch))
                 collapse_losses.append(loss_c.item())
-                if c.trap_every == 1:
+                if apply and c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse / K)
-                else:
+                elif apply:
                     g_c = self.grads(loss_c)
                     if self.cached_trap is None:
                         self.cached_trap = [g.detach().mul_(c.lambda_collapse / K) for g in g_c]
