@@ -206,6 +206,31 @@ def test_report_has_tables_and_plots(grid):
         assert f"]({name})" in text
 
 
+def test_align_monitor_plot_reads_the_align_logs(tmp_path):
+    """One figure per defense whose alignment logged monitor values (one line per seed and
+    value; the defense's probe keys, monitor/<defense>/<key>, in their own panels); none for a
+    defense without them."""
+    from inoculate.report import _monitor_series, plot_align_monitor
+
+    rows = []
+    for defense, seed, monitored in (("ctrap", 1, True), ("ctrap", 2, True), ("sft", 1, False)):
+        align = tmp_path / defense / str(seed)
+        align.mkdir(parents=True)
+        lines = [{"step": s, "loss": 1.0 / (s + 1),
+                  **({"monitor/collapse_token_share": s / 10, "monitor/collapse_loss": 5.0 - s,
+                      "monitor/ctrap/collapse_loss_at_theta": 6.0 - s, "monitor/ctrap/trap_gap": s / 4}
+                     if monitored else {})} for s in range(3)]
+        (align / "log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        rows.append({"defense": defense, "seed": seed, "attack": "none", "align_dir": str(align)})
+    made = plot_align_monitor(rows, tmp_path)
+    assert [p.name for p in made] == ["align_monitor_ctrap.png"]
+    assert made[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entries = [json.loads(l) for l in (tmp_path / "ctrap" / "1" / "log.jsonl").read_text().splitlines()]
+    assert _monitor_series(entries, "*/trap_gap") == {"ctrap/trap_gap": [(0, 0.0), (1, 0.25), (2, 0.5)]}
+    assert _monitor_series(entries, "collapse_loss") == {"collapse_loss": [(0, 5.0), (1, 4.0), (2, 3.0)]}
+    assert _monitor_series(entries, "*/collapse_loss") == {}
+
+
 def test_cli_run_reuses_and_prints_the_table(grid):
     result = CliRunner().invoke(main, ["run", str(grid["path"]), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -319,6 +319,69 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
     return made
 
 
+# Panels of the alignment monitor plot: (title, y label, monitor keys; "*/" matches the
+# defense's own probe, logged as monitor/<defense>/<key>)
+_MONITOR_PANELS = (
+    ("greedy answers to held-out harmful prompts", "fraction",
+     ("collapse_token_share", "degenerate_rate", "refusal_rate")),
+    ("teacher-forced collapse loss", "cross-entropy (nats/token)",
+     ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
+    ("the defense's probe", "value", ("*/trap_gap",)),
+)
+
+
+def _monitor_series(entries: list[dict], key: str) -> dict[str, list]:
+    """{logged name: [(step, value)]} of one panel key over the log entries."""
+    series: dict[str, list] = {}
+    for e in entries:
+        for name, value in e.items():
+            if not name.startswith("monitor/") or not isinstance(value, (int, float)):
+                continue
+            rest = name[len("monitor/"):]
+            hit = rest == key if not key.startswith("*/") else (
+                rest.count("/") == 1 and rest.split("/")[1] == key[2:])
+            if hit:
+                series.setdefault(rest, []).append((e["step"], value))
+    return series
+
+
+def plot_align_monitor(rows, out: Path) -> list[Path]:
+    """Per defense with an alignment monitor (monitor_samples): its held-out values over the
+    alignment steps, one line per seed and value (from the align run's log.jsonl)."""
+    plt = _plt()
+    made = []
+    for d in dict.fromkeys(r["defense"] for r in rows):
+        logs = {}
+        for r in rows:
+            path = Path(r.get("align_dir") or "") / "log.jsonl"
+            if r["defense"] == d and r["seed"] not in logs and path.is_file():
+                entries = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+                if any(k.startswith("monitor/") for e in entries for k in e):
+                    logs[r["seed"]] = entries
+        panels = [(title, ylabel, {f"{name} (s{seed})": pts for seed, entries in logs.items()
+                                   for key in keys for name, pts in _monitor_series(entries, key).items()})
+                  for title, ylabel, keys in _MONITOR_PANELS]
+        panels = [p for p in panels if p[2]]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharex=True, squeeze=False)
+        for ax, (title, ylabel, series) in zip(axes[0], panels):
+            for label, pts in series.items():
+                ax.plot(*zip(*pts), marker=".", label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("alignment step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{d}: alignment monitor on held-out examples")
+        fig.tight_layout()
+        path = out / f"align_monitor_{d}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
 def plot_utility_vs_harm(rows, out: Path) -> list[Path]:
     tasks = _task_keys(rows)
     sel = [r for r in rows if isinstance(r.get("harmful_score"), (int, float))]
@@ -384,7 +447,8 @@ def write_report(run_dir: str, worst_case: Optional[dict] = None) -> Path:
         parts += [f"## Worst case per defense subject to {bound_text(bound)}", "",
                   "The attack cell (over every sweep point and seed) with the highest "
                   f"{bound['metric']} among those that keep the utility bound.", "", table, ""]
-    plots = plot_strength(rows, out) + plot_attack_losses(rows, out) + plot_utility_vs_harm(rows, out)
+    plots = (plot_strength(rows, out) + plot_align_monitor(rows, out) + plot_attack_losses(rows, out)
+             + plot_utility_vs_harm(rows, out))
     if plots:
         parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     text = "\n".join(parts)
