@@ -721,13 +721,21 @@ def test_trap_gap_from_the_collapse_losses_at_theta_and_the_deepest_point(trap_s
 def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options):
     """The held-out probe (the alignment monitor's) logs what a training micro-step on the
     same batches logs (same simulated points, same collapse losses at θ and at them, same
-    trap_gap), and leaves parameters bit-identical, p.grad empty and the amortized cache and
-    step count as they were."""
+    trap_gap), calls at_point() once at the last simulated point, and leaves parameters
+    bit-identical, p.grad empty and the amortized cache and step count as they were."""
     model, tok = _model()
     b = _batches(tok)
     d = _defense(model, tok, alpha=0.5, **options)
     before = [p.detach().clone() for p in d.params]
-    probed = d.probe(b)
+    seen = []  # the parameters at_point() was called on
+    probed = d.probe(b, at_point=lambda: seen.append([p.detach().clone() for p in d.params]) or {"x": 1.0})
+    assert len(seen) == 1 and probed["point/x"] == 1.0
+    assert any(not torch.equal(p, q) for p, q in zip(seen[0], before)), "called at a moved point"
+    if not options:  # K = 1: the point is θ − α·g_h/‖g_h‖, the harmful gradient's step
+        g_h = _grads(model, d.params, token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"]))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+        for p, q, g in zip(seen[0], before, g_h):
+            torch.testing.assert_close(p, q - 0.5 * g / (norm + 1e-7), rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in d.params)
     assert all(torch.equal(p, q) for p, q in zip(d.params, before))
     assert d.cached_trap is None and d.steps_seen == 0

@@ -457,7 +457,8 @@ def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path
     logged = _log(monitored)
     assert [r["step"] for r in logged] == [0, 1, 2, 3]
     want = {"harmful_loss", "collapse_loss", "alignment_loss", "general_loss", "collapse_token_share",
-            "degenerate_rate", "refusal_rate", "ctrap/trap_gap", "ctrap/collapse_loss_at_theta"}
+            "degenerate_rate", "refusal_rate", "ctrap/trap_gap", "ctrap/collapse_loss_at_theta",
+            "ctrap/point/collapse_token_share", "ctrap/point/degenerate_rate"}
     for row in logged:
         values = {k[len("monitor/"):]: v for k, v in row.items() if k.startswith("monitor/")}
         assert want <= set(values), row

@@ -218,7 +218,8 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
         align.mkdir(parents=True)
         lines = [{"step": s, "loss": 1.0 / (s + 1),
                   **({"monitor/collapse_token_share": s / 10, "monitor/collapse_loss": 5.0 - s,
-                      "monitor/ctrap/collapse_loss_at_theta": 6.0 - s, "monitor/ctrap/trap_gap": s / 4}
+                      "monitor/ctrap/collapse_loss_at_theta": 6.0 - s, "monitor/ctrap/trap_gap": s / 4,
+                      "monitor/ctrap/point/collapse_token_share": 1.0}
                      if monitored else {})} for s in range(3)]
         (align / "log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
         rows.append({"defense": defense, "seed": seed, "attack": "none", "align_dir": str(align)})
@@ -229,6 +230,7 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
     assert _monitor_series(entries, "*/trap_gap") == {"ctrap/trap_gap": [(0, 0.0), (1, 0.25), (2, 0.5)]}
     assert _monitor_series(entries, "collapse_loss") == {"collapse_loss": [(0, 5.0), (1, 4.0), (2, 3.0)]}
     assert _monitor_series(entries, "*/collapse_loss") == {}
+    assert list(_monitor_series(entries, "*/point/collapse_token_share")) == ["ctrap/point/collapse_token_share"]
 
 
 def test_cli_run_reuses_and_prints_the_table(grid):

@@ -699,7 +699,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     `_loss_monitor` and general_loss; the greedy answers' (monitor_new_tokens) collapse-token
     share and keyword degenerate / refusal rates, as evaluation counts them; and the defense's
     own `probe` on held-out batches built like its training streams, under the training's
-    autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap)."""
+    autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
+    values again at the point its simulated attack reaches (ctrap/point/collapse_token_share)."""
     from .evaluation.generate import generate
     from .evaluation.judges import keyword_label
     from .evaluation.metrics import collapse_token_id, generation_stats
@@ -726,19 +727,27 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
                                          paired=spec.role == "paired").next(), device)
     bf16 = use_bf16(cfg, device)
 
+    def answers(model):
+        texts = generate(model, tok, harmful, cfg.template, cfg.monitor_new_tokens,
+                         batch_size=len(harmful), progress=False)
+        labels = [keyword_label(a) for a in texts]
+        share = generation_stats(texts, tok, token)["collapse_token_share"]  # None: all empty
+        return {"collapse_token_share": math.nan if share is None else share,
+                "degenerate_rate": labels.count("degenerate") / len(labels),
+                "refusal_rate": labels.count("refusal") / len(labels)}
+
     def monitor(model):
         out = losses(model)
-        answers = generate(model, tok, harmful, cfg.template, cfg.monitor_new_tokens,
-                           batch_size=len(harmful), progress=False)
-        labels = [keyword_label(a) for a in answers]
-        share = generation_stats(answers, tok, token)["collapse_token_share"]  # None: all empty
-        out.update(collapse_token_share=math.nan if share is None else share,
-                   degenerate_rate=labels.count("degenerate") / len(labels),
-                   refusal_rate=labels.count("refusal") / len(labels))
+        out.update(answers(model))
+
+        def at_point():  # the same greedy answers where the simulated attack lands, in the same precision
+            with torch.autocast(device.type, enabled=False):
+                return answers(model)
+
         was_training = model.training
         model.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            probe = defense.probe(batches)
+            probe = defense.probe(batches, at_point=at_point)
         model.train(was_training)
         out.update({f"{defense.name}/{k}": v for k, v in probe.items()})
         return out

@@ -323,7 +323,7 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
 # defense's own probe, logged as monitor/<defense>/<key>)
 _MONITOR_PANELS = (
     ("greedy answers to held-out harmful prompts", "fraction",
-     ("collapse_token_share", "degenerate_rate", "refusal_rate")),
+     ("collapse_token_share", "degenerate_rate", "refusal_rate", "*/point/collapse_token_share")),
     ("teacher-forced collapse loss", "cross-entropy (nats/token)",
      ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
     ("the defense's probe", "value", ("*/trap_gap",)),
@@ -339,7 +339,7 @@ def _monitor_series(entries: list[dict], key: str) -> dict[str, list]:
                 continue
             rest = name[len("monitor/"):]
             hit = rest == key if not key.startswith("*/") else (
-                rest.count("/") == 1 and rest.split("/")[1] == key[2:])
+                "/" in rest and rest.split("/", 1)[1] == key[2:])
             if hit:
                 series.setdefault(rest, []).append((e["step"], value))
     return series

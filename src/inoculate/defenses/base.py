@@ -80,11 +80,13 @@ class Defense:
     def accumulate(self, batches: Dict[str, dict], scale: float) -> Dict[str, float]:
         raise NotImplementedError
 
-    def probe(self, batches: Dict[str, dict]) -> Dict[str, float]:
+    def probe(self, batches: Dict[str, dict], at_point=None) -> Dict[str, float]:
         """Values of the defense's own objective on held-out batches (one per stream, same
         names as `streams()`), for the alignment monitor (`monitor_samples`): no gradient is
         added to p.grad, no state of the defense changes, and the parameters end bit-identical.
-        The engine logs them as monitor/<defense name>/<key>. Default: none."""
+        A look-ahead defense calls `at_point()` (a dict of values measured on the model as it
+        is) once at the point its simulated attack reaches and returns those values as
+        point/<key>. The engine logs them as monitor/<defense name>/<key>. Default: none."""
         return {}
 
     # -- shared helpers -------------------------------------------------------------------------

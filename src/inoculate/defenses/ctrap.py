@@ -285,13 +285,15 @@ class CTRAP(Defense):
             logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
-    def probe(self, batches):
+    def probe(self, batches, at_point=None):
         """The trap on held-out batches (the alignment monitor): the same simulated harmful
         step(s) as training (first order; with second_order the point θ' is the same), on the
         held-out harmful batch, and the collapse loss at the deepest point and at θ on the
         held-out retain batch. Logs trap_gap, collapse_loss (mean over the points, as in
         training), collapse_loss_at_theta, align_loss and harmful_loss; with trap_steps > 1 the
-        per-point losses, with project_out_general harmful_general_cos, as training does. Nothing reaches p.grad; θ is restored bit-exactly."""
+        per-point losses, with project_out_general harmful_general_cos, as training does; and
+        `at_point()`'s values, measured at the last simulated point θ_K, as point/<key>.
+        Nothing reaches p.grad; θ is restored bit-exactly."""
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
         trap_batch = retain if c.collapse_data == "retain" else batches["general"]
@@ -313,7 +315,7 @@ class CTRAP(Defense):
         direction, step = self.simulated_step(g_h, away)
         del g_h
         logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, 0.0, away,
-                                           apply=False))
+                                           apply=False, at_point=at_point))
         logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
@@ -344,7 +346,7 @@ class CTRAP(Defense):
         return align_loss + gap.mean().item()
 
     def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale, away=None,
-                          apply: bool = True) -> dict:
+                          apply: bool = True, at_point=None) -> dict:
         """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
 
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
@@ -352,7 +354,8 @@ class CTRAP(Defense):
         gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
         (amortized mode) into the cache, which so holds λ times the mean over the K points.
         `away` (project_out_general) is projected out of every harmful gradient. `apply=False`
-        (the held-out probe) only measures the collapse losses: no collapse gradient is taken."""
+        (the held-out probe) only measures the collapse losses: no collapse gradient is taken;
+        `at_point()`, if given, is called at θ_K and its values returned as point/<key>."""
         c = self.config
         K = c.trap_steps
         collapse_losses, harmful_losses = [], []
@@ -378,7 +381,8 @@ class CTRAP(Defense):
                             acc.add_(g.detach(), alpha=c.lambda_collapse / K)
                     del g_c
                 del loss_c
-        logs = {"collapse_loss": sum(collapse_losses) / K}
+            point = at_point() if at_point is not None else {}
+        logs = {"collapse_loss": sum(collapse_losses) / K, **{f"point/{k}": v for k, v in point.items()}}
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
