@@ -533,3 +533,18 @@ def test_monitor_options_are_checked_before_training(tmp_path):
     with pytest.raises(pipeline.ConfigError, match=r"select_by='monitor/trap_gap'.*step 0: .*monitor/ctrap/trap_gap"):
         pipeline.align(dict(CTRAP_MONITORED, select_by="monitor/trap_gap"), tmp_path / "d", progress=False)
     assert not (tmp_path / "d" / "log.jsonl").exists() or not _log(tmp_path / "d")
+
+
+def test_engine_refuses_a_monitor_key_without_a_monitor(tiny, tmp_path):
+    """train() itself (not only the align config) refuses select_by on a monitor value when no
+    monitor runs, before any step."""
+    from inoculate.training import Selection
+
+    model, tok = tiny
+    defense = SFT(SFTConfig(), 2)
+    defense.setup(copy.deepcopy(model).requires_grad_(True), tok)
+    streams = {"align": Stream("align", _examples(2), 2, tok.pad_token_id, seed=0)}
+    with pytest.raises(pipeline.ConfigError, match="names a monitor value, but this run has no monitor"):
+        train(defense.model, defense, streams, _args(), tmp_path / "run", main_stream="align",
+              progress=False, selection=Selection("monitor/collapse_token_share"))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
