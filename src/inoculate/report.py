@@ -240,6 +240,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _style(i: int) -> dict:
     """Marker and line style of the i-th defense, so that defenses with equal scores (lines on
     top of each other) stay visible."""
@@ -271,11 +278,7 @@ def plot_strength(rows, out: Path) -> list[Path]:
         ax.set_title(f"Harmful score vs {xlabel}")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         ax.grid(alpha=0.3)
-        path = out / f"hs_vs_{axis}_{kind}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(plt, fig, out / f"hs_vs_{axis}_{kind}.png"))
     return made
 
 
@@ -311,11 +314,7 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{d}: losses on held-out harmful prompts during fine-tuning")
-        fig.tight_layout()
-        path = out / f"attack_losses_{d}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(plt, fig, out / f"attack_losses_{d}.png"))
     return made
 
 
@@ -374,11 +373,7 @@ def plot_align_monitor(rows, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
         fig.suptitle(f"{d}: alignment monitor on held-out examples")
-        fig.tight_layout()
-        path = out / f"align_monitor_{d}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(plt, fig, out / f"align_monitor_{d}.png"))
     return made
 
 
@@ -399,11 +394,7 @@ def plot_utility_vs_harm(rows, out: Path) -> list[Path]:
     ax.set_title("Utility vs harm (every cell)")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out / "utility_vs_harm.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(plt, fig, out / "utility_vs_harm.png")]
 
 
 # ---------------------------------------------------------------------------------------------
