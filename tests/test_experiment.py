@@ -82,7 +82,7 @@ def test_bad_experiment_is_a_config_error(change, message):
         expand({**SPEC, **change})
 
 
-def test_an_alignment_monitor_that_reads_evaluation_prompts_is_refused():
+def test_an_alignment_monitor_that_reads_evaluation_prompts_is_refused(monkeypatch):
     """The monitor takes the last monitor_samples test examples, evaluation the first ones: a
     grid where they meet is refused before anything runs (starter: 40 harmful, 33 general)."""
     spec = {**SPEC, "align": {"max_steps": 2, "monitor_samples": 8}}
@@ -91,8 +91,12 @@ def test_an_alignment_monitor_that_reads_evaluation_prompts_is_refused():
     with pytest.raises(ConfigError, match=r"general_samples=26 .*share 1 examples"):
         expand({**spec, "evaluate": {"suite": ["harmful", "general"], "harmful_samples": 32,
                                      "general_samples": 26}})
-    assert expand({**spec, "evaluate": {"suite": ["harmful", "general"], "harmful_samples": 32,
-                                        "general_samples": 25}})
+    calls = []
+    real = pipeline.check_monitor_apart
+    monkeypatch.setattr(pipeline, "check_monitor_apart", lambda a, e: calls.append(1) or real(a, e))
+    cells = expand({**spec, "evaluate": {"suite": ["harmful", "general"], "harmful_samples": 32,
+                                         "general_samples": 25}})
+    assert cells and len(calls) == 1, "checked once for the grid's one data setting, not per cell"
 
 
 def test_bad_experiment_files(tmp_path):

@@ -202,6 +202,7 @@ def expand(spec: dict) -> list[Cell]:
     shared = {k: spec[k] for k in _SHARED if k in spec}
     entries = attack_entries(spec)
     cells = []
+    apart = set()  # the (data, monitor, evaluation) settings already checked: each loads the test splits
     for (label, dvalues), seed in itertools.product(defenses.items(), seeds):
         dvalues = dict(dvalues or {})
         dvalues.setdefault("defense", label)
@@ -210,7 +211,11 @@ def expand(spec: dict) -> list[Cell]:
         pipeline.align_config(align)  # validate now, not halfway through the grid
         evaluate = {**shared, **(spec.get("evaluate") or {})}
         pipeline.eval_config({**evaluate, "model": "placeholder"})  # validate
-        pipeline.check_monitor_apart(align, evaluate)
+        key = json.dumps([{k: align.get(k) for k in ("data", "data_dir", "harmful_data", "general_data",
+                                                     "monitor_samples")}, evaluate], sort_keys=True, default=str)
+        if key not in apart:
+            pipeline.check_monitor_apart(align, evaluate)
+            apart.add(key)
         align_out = spec.get("align_out")
         cells.append(Cell(label, "none", seed, align, None, evaluate, align_out=align_out))
         for alabel, (avalues, sweep, chain) in entries.items():
