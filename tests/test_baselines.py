@@ -400,6 +400,33 @@ def test_booster_amortized_mode_reuses_the_regularizer_gradient(llama):
     assert _rel(caches[2], caches[0]) > 1e-3
 
 
+def _recording_point(d, seen):
+    """An at_point() that records the parameters it was called on."""
+    return lambda: seen.append([p.detach().clone() for p in d.params]) or {"x": 1.0}
+
+
+def test_booster_probe_measures_a_training_step_and_changes_nothing(llama):
+    """The held-out probe (the alignment monitor's) logs what a training micro-step on the same
+    batches logs, calls at_point() once at θ' = θ − α·g_h/(‖g_h‖ + eps), and leaves θ
+    bit-identical, p.grad empty and the amortized cache and step count as they were."""
+    model = _model(llama, lora=True)
+    align, harmful = _batch(3, 4), _batch(4, 5)
+    d = _defense("booster", model, lam=5.0, alpha=0.1, lookahead_every=2)
+    before = [p.detach().clone() for p in d.params]
+    seen = []
+    probed = d.probe({"align": align, "harmful": harmful}, at_point=_recording_point(d, seen))
+    assert len(seen) == 1 and probed["point/x"] == 1.0
+    g_h = _grad(hand_ce(_logits(model, harmful), harmful["labels"]), d.params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+    _assert_close(seen[0], [q - 0.1 * g / (norm + 1e-7) for q, g in zip(before, g_h)], rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert all(p.grad is None for p in d.params) and d.cached is None and d.steps_seen == 0
+    trained = d.accumulate({"align": align, "harmful": harmful}, scale=1.0)
+    for k in ("loss", "harmful_loss", "harmful_loss_moved", "harmful_reduction", "harmful_grad_norm"):
+        assert math.isclose(probed[k], trained[k], rel_tol=1e-5, abs_tol=1e-6), k
+    assert probed["harmful_reduction"] > 0
+
+
 def test_booster_config_checks():
     with pytest.raises(ConfigError, match="lookahead_every"):
         BoosterConfig(lookahead_every=0)
@@ -562,6 +589,44 @@ def test_tar_gradient_matches_hand_inner_loop(llama, opt):
     # the adversary moved: the tamper gradient at its weights differs from the one at θ
     g_at_theta = _grad(_neg_entropy(_logits(model, tamper), tamper["labels"]), params)
     assert _rel(acc, g_at_theta) > 1e-2
+
+
+def test_tar_probe_runs_the_strongest_adversary_without_drawing_a_random_number(llama):
+    """TAR's probe: K AdamW steps at the largest inner lr, each on the whole held-out harmful
+    batch (torch's AdamW by hand), the tamper loss at the adversary's last weights, at_point()
+    called there once; θ restored bit-exactly, p.grad empty, the RNG stream untouched."""
+    model = _model(llama, lora=True)
+    adversary, tamper, retain = _batch(3, 11), _batch(3, 12), _batch(3, 13)
+    d = _defense("tar", model, inner_steps=2, tamper_every=1, inner_lrs=[1e-3, 1e-2], inner_optimizer="adamw")
+    before = [p.detach().clone() for p in d.params]
+    rng = torch.get_rng_state()
+    seen = []
+    probed = d.probe({"adversary": adversary, "tamper": tamper, "retain": retain},
+                     at_point=_recording_point(d, seen))
+    assert torch.equal(torch.get_rng_state(), rng), "the probe drew a random number"
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert all(p.grad is None for p in d.params)
+    adv = copy.deepcopy(model)
+    aparams = _params(adv)
+    inner = torch.optim.AdamW(aparams, lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(2):
+        inner.zero_grad()
+        loss = hand_ce(_logits(adv, adversary), adversary["labels"])
+        losses.append(loss.item())
+        loss.backward()
+        inner.step()
+    assert len(seen) == 1 and probed["point/x"] == 1.0
+    _assert_close(seen[0], [p.detach() for p in aparams], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        end = _neg_entropy(_logits(adv, tamper), tamper["labels"]).item()
+        start = _neg_entropy(_logits(model, tamper), tamper["labels"]).item()
+        retain_loss = hand_ce(_logits(model, retain), retain["labels"]).item()
+    want = {"tamper_loss_end": end, "tamper_loss_start": start, "retain_loss": retain_loss,
+            "adversary_loss_first": losses[0], "adversary_loss_last": losses[1]}
+    for k, v in want.items():
+        assert math.isclose(probed[k], v, rel_tol=1e-4), k
+    assert probed["adversary_loss_last"] < probed["adversary_loss_first"]
 
 
 def test_tar_weights_and_config_checks():

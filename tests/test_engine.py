@@ -469,6 +469,21 @@ def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path
     _assert_same_adapter(_adapter(plain), _adapter(monitored))
 
 
+@pytest.mark.parametrize("defense,options,key", [
+    ("booster", {}, "booster/point/refusal_rate"),
+    ("seam", {"dtype": "float32"}, "seam/cos_sd"),
+    ("tar", {"tar.inner_steps": 2, "tar.tamper_every": 2}, "tar/point/refusal_rate")])
+def test_align_monitor_logs_the_probe_of_every_look_ahead_defense(tmp_path, defense, options, key):
+    """Booster, SEAM and TAR have probes too: a monitored alignment logs them under
+    monitor/<defense>/ at step 0 and every logging step."""
+    cfg = dict(ALIGN, defense=defense, max_steps=1, save_steps=0, lora_dropout=0.0, monitor_samples=2,
+               monitor_new_tokens=2, **options)
+    logged = _log(pipeline.align(cfg, tmp_path / "run", progress=False))
+    assert [r["step"] for r in logged] == [0, 1]
+    for row in logged:
+        assert math.isfinite(row[f"monitor/{key}"]), row
+
+
 def test_align_monitor_reads_the_end_of_the_test_splits(tmp_path, monkeypatch):
     """The monitor's held-out examples are the last monitor_samples of the harmful and general
     test splits (evaluation reads the first ones)."""

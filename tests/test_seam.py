@@ -505,3 +505,22 @@ def test_self_destruct_gradient_on_two_processes_equals_one_process(tmp_path):
         assert cos_two == pytest.approx(cos_one, rel=1e-5)
         # the FD estimate differs from one process only by fp32 rounding amplified by 1/ε
         assert _rel(grad_two, one) < (1e-3 if not exact else 1e-5), exact
+
+
+def test_probe_logs_what_a_training_step_logs_and_changes_nothing():
+    """The held-out probe (the alignment monitor's) logs L_ul, L_up, S and Steps 3-4's cosine,
+    norms and CEs as a training micro-step on the same batches does; SEAM simulates no attack, so
+    at_point is never called; θ, p.grad, the amortized cache and the step count are untouched."""
+    model, tok = _model()
+    b = _batches(tok)
+    d = _defense(model, tok, beta=0.1, lookahead_every=2)
+    before = [p.detach().clone() for p in d.params]
+    probed = d.probe(b, at_point=lambda: pytest.fail("SEAM has no simulated attack point"))
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert all(p.grad is None for p in d.params) and d.cached_sd is None and d.steps_seen == 0
+    trained = d.accumulate(b, scale=1.0)
+    keys = {"loss_ul", "loss_up", "s_ul", "cos_sd", "harmful_ce", "benign_ce", "harmful_grad_norm",
+            "benign_grad_norm"}
+    assert keys == set(probed)
+    for k in keys:
+        assert math.isclose(probed[k], trained[k], rel_tol=1e-5, abs_tol=1e-7), k

@@ -73,6 +73,10 @@ class Booster(Defense):
         return {"align": StreamSpec("align", self.batch_size),
                 "harmful": StreamSpec("harmful", self.config.harmful_batch_size)}
 
+    def step_length(self, norm) -> float:
+        """The factor of g_h in the simulated step θ' = θ − α·g_h/(‖g_h‖ + eps)."""
+        return -self.config.alpha / (float(norm) + self.config.eps)
+
     def accumulate(self, batches, scale):
         cfg = self.config
         harmful, align = batches["harmful"], batches["align"]
@@ -87,7 +91,7 @@ class Booster(Defense):
         h = self.lm_loss(harmful)
         g_h = self.grads(h)
         norm = global_norm(g_h)
-        step = -cfg.alpha / (float(norm) + cfg.eps)
+        step = self.step_length(norm)
         # Step 2, into p.grad at once (Step 4's first term)
         f = self.lm_loss(align)
         g_f = self.grads(f)
@@ -113,3 +117,26 @@ class Booster(Defense):
         del g_h_moved
         return {"loss": f.item(), "harmful_loss": h.item(), "harmful_loss_moved": h_moved.item(),
                 "harmful_reduction": (h - h_moved).item(), "harmful_grad_norm": float(norm)}
+
+    def probe(self, batches, at_point=None):
+        """Booster's terms on held-out batches (the alignment monitor): the alignment loss, the
+        harmful loss at θ and at θ' = θ − α·g_h/(‖g_h‖ + eps) on the held-out harmful batch, and
+        their difference harmful_reduction (what the regularizer keeps small), as a training
+        micro-step logs them; `at_point()`'s values at θ' as point/<key>. Nothing reaches p.grad,
+        the amortized cache is kept, θ is restored bit-exactly."""
+        harmful = batches["harmful"]
+        with torch.no_grad():
+            f = self.lm_loss(batches["align"]).item()
+        h = self.lm_loss(harmful)
+        g_h = self.grads(h)
+        norm = global_norm(g_h)
+        point = {}
+        with self.moved(g_h, self.step_length(norm), release=True):
+            with torch.no_grad():
+                h_moved = self.lm_loss(harmful).item()
+            if at_point is not None:
+                point = at_point()
+        logs = {"loss": f, "harmful_loss": h.item(), "harmful_loss_moved": h_moved,
+                "harmful_reduction": h.item() - h_moved, "harmful_grad_norm": float(norm)}
+        logs.update({f"point/{k}": v for k, v in point.items()})
+        return logs

@@ -238,8 +238,9 @@ class SEAM(Defense):
         """ĝ_x − c·ĝ_y (fp32): H_y acts on it, i.e. θ moves this way to re-measure g_y."""
         return [x / n_x - cos * y / n_y for x, y in zip(g_x, g_y)]
 
-    def _sd_grad_fd(self, harmful, benign):
-        eps = self.config.epsilon
+    def _gradients(self, harmful, benign):
+        """Steps 3-4: (loss_a, g_a, loss_b, g_b) with the gradients in fp32, and the RNG states
+        the two passes started from (for the moved passes to replay their dropout masks)."""
         device = self.params[0].device
         rng_a = _rng_state(device)
         loss_a = self.harmful_loss(harmful)                       # Step 3
@@ -247,6 +248,12 @@ class SEAM(Defense):
         rng_b = _rng_state(device)
         loss_b = self.benign_loss(benign)                         # Step 4
         g_b = [_fp32(g) for g in self.grads(loss_b)]
+        return loss_a, g_a, loss_b, g_b, (rng_a, rng_b)
+
+    def _sd_grad_fd(self, harmful, benign):
+        eps = self.config.epsilon
+        device = self.params[0].device
+        loss_a, g_a, loss_b, g_b, (rng_a, rng_b) = self._gradients(harmful, benign)
         n_a, n_b, cos = self._norms_and_cosine(g_a, g_b)
         # Step 5: g_a' at θ + ε(ĝ_b − c·ĝ_a), same dropout masks as Step 3; restored on exit
         # (the direction list is released once the move is applied, before the pass at θ')
@@ -309,6 +316,24 @@ class SEAM(Defense):
         total = loss_ul.item() + c.alpha * loss_up.item() + c.beta * logs["cos_sd"]
         return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), **logs,
                 "s_ul": s.item(), "total": total}
+
+
+    def probe(self, batches, at_point=None):
+        """SEAM's terms on held-out batches (the alignment monitor): L_ul and S on the held-out
+        harmful answers, L_up on their refusals, and Steps 3-4 (g_a on the harmful answers, g_b
+        on the benign batch, in the precision of training's L_sd passes) with cos_sd, the two
+        gradient norms and CEs: what a training micro-step logs, minus the finite-difference
+        passes. SEAM simulates no attack, so `at_point` is not called. Nothing reaches p.grad,
+        the amortized cache is kept and θ is not moved."""
+        harmful, refusal = batches["paired"]["harmful"], batches["paired"]["refusal"]
+        with torch.no_grad():
+            loss_ul, s = self.unlearning_loss(harmful)
+            loss_up = self.utility_loss(refusal)
+        with self._sd_precision():
+            loss_a, g_a, loss_b, g_b, _ = self._gradients(harmful, batches["benign"])
+            n_a, n_b, cos = self._norms_and_cosine(g_a, g_b)
+        return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), "s_ul": s.item(),
+                **_sd_logs(cos, n_a, n_b, loss_a, loss_b)}
 
 
 def _sd_logs(cos, n_a, n_b, loss_a, loss_b) -> dict:

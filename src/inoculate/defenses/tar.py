@@ -163,6 +163,31 @@ class TAR(Defense):
             p.add_(step.to(p.dtype), alpha=-lr)
         torch.clear_autocast_cache()  # the next pass must see the moved weights under autocast
 
+    def _fresh_state(self):
+        """The adversary's AdamW moments, zero (None for SGD)."""
+        if self.config.inner_optimizer != "adamw":
+            return None
+        return {"m": [torch.zeros_like(p, dtype=torch.float32) for p in self.params],
+                "v": [torch.zeros_like(p, dtype=torch.float32) for p in self.params]}
+
+    def _adversary(self, batches: List[dict], lr: float, state, after_step) -> List[float]:
+        """Step 3 in place: one adversary step per batch (harmful CE) at learning rate lr, calling
+        after_step(k) at the adversary's weights after step k; returns the adversary's losses.
+        The caller restores θ."""
+        losses = []
+        for k, batch in enumerate(batches):
+            loss = self.lm_loss(batch)
+            self._adversary_update(self.grads(loss), lr, k + 1, state)
+            losses.append(loss.item())
+            after_step(k)
+        return losses
+
+    @torch.no_grad()
+    def _restore(self, saved) -> None:
+        for p, s in zip(self.params, saved):
+            p.copy_(s)
+        torch.clear_autocast_cache()
+
     # -- one outer step ---------------------------------------------------------------------------
     def accumulate(self, batches, scale):
         cfg = self.config
@@ -172,26 +197,20 @@ class TAR(Defense):
         tamper_batch = batches["tamper"]
         saved = [p.detach().clone() for p in self.params]                            # Step 2
         accum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        state = None
-        if cfg.inner_optimizer == "adamw":
-            state = {"m": [torch.zeros_like(p, dtype=torch.float32) for p in self.params],
-                     "v": [torch.zeros_like(p, dtype=torch.float32) for p in self.params]}
-        adv_losses, tamper_losses = [], []
+        state = self._fresh_state()
+        tamper_losses = []
+
+        def tamper(k):  # after inner step k, at the adversary's weights
+            if k in weights:
+                tl = self.tamper_loss(tamper_batch)
+                for a, g in zip(accum, self.grads(tl)):
+                    a.add_(g.float(), alpha=weights[k])
+                tamper_losses.append(tl.item())
+
         try:
-            for k, batch in enumerate(adversary):                                    # Step 3
-                loss = self.lm_loss(batch)
-                self._adversary_update(self.grads(loss), lr, k + 1, state)
-                adv_losses.append(loss.item())
-                if k in weights:
-                    tl = self.tamper_loss(tamper_batch)
-                    for a, g in zip(accum, self.grads(tl)):
-                        a.add_(g.float(), alpha=weights[k])
-                    tamper_losses.append(tl.item())
+            adv_losses = self._adversary(adversary, lr, state, tamper)                # Step 3
         finally:
-            with torch.no_grad():                                                    # Step 4
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-            torch.clear_autocast_cache()
+            self._restore(saved)                                                     # Step 4
         del saved, state
         retain = self.lm_loss(batches["retain"])                                     # Step 5
         g_r = self.grads(retain)
@@ -202,3 +221,29 @@ class TAR(Defense):
                 "retain_loss": retain.item(), "tamper_loss": tamper,
                 "adversary_loss_first": adv_losses[0], "adversary_loss_last": adv_losses[-1],
                 "inner_lr": lr}
+
+    def probe(self, batches, at_point=None):
+        """TAR's terms on held-out batches (the alignment monitor): the retain loss and the tamper
+        loss at θ; then the simulated adversary, run as training runs it but deterministically
+        (no random number is drawn): K steps of the inner optimizer at the largest of inner_lrs,
+        each on the whole held-out harmful batch, followed by the tamper loss at the adversary's
+        last weights (tamper_loss_end) and `at_point()`'s values there as point/<key>. K + 3
+        passes, K of them with a backward. Nothing reaches p.grad; θ is restored bit-exactly."""
+        cfg = self.config
+        with torch.no_grad():
+            logs = {"retain_loss": self.lm_loss(batches["retain"]).item(),
+                    "tamper_loss_start": self.tamper_loss(batches["tamper"]).item()}
+        saved = [p.detach().clone() for p in self.params]
+        point = {}
+        try:
+            losses = self._adversary([batches["adversary"]] * cfg.inner_steps, max(cfg.inner_lrs),
+                                     self._fresh_state(), lambda k: None)
+            with torch.no_grad():
+                logs["tamper_loss_end"] = self.tamper_loss(batches["tamper"]).item()
+            if at_point is not None:
+                point = at_point()
+        finally:
+            self._restore(saved)
+        logs.update({"adversary_loss_first": losses[0], "adversary_loss_last": losses[-1]})
+        logs.update({f"point/{k}": v for k, v in point.items()})
+        return logs
