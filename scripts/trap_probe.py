@@ -17,7 +17,10 @@ collapse along the gradient of a benign task batch (SST-2, the benign attack's d
 its sign; the cosines of the benign and harmful directions, raw and signed, are printed.
 
 Attack paths: plain SGD or AdamW (no weight decay) on the attacker's harmful examples, batch 4,
-continuing the defended adapter; after every step the general collapse CE and the harmful CE.
+continuing the defended adapter; after every step the general collapse CE and the harmful CE,
+and where the attacker is: its distance ‖θ_k − θ‖ from the defended weights, and the cosine of
+θ_k − θ with −ĝ and with −sign(g) of its first batch (the directions of a simulated step of
+ctrap.step_direction gradient and sign; a normalized simulated step has length ctrap.alpha).
 """
 from __future__ import annotations
 
@@ -121,14 +124,25 @@ class Probe:
         opt = (torch.optim.SGD(self.params, lr=lr) if name == "sgd"
                else torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0))
         rng, order = random.Random(0), list(range(len(self.attacker)))
+        start = [p.detach().clone() for p in self.params]
+        first = None  # −ĝ and −sign(g) of the first batch
         print(f"attack {spec}")
         for step in range(steps + 1):
-            print(f"  step {step:3d}  {self.state()}", flush=True)
+            where = ""
+            if first is not None:
+                moved = [p.detach() - p0 for p, p0 in zip(self.params, start)]
+                where = (f"  ‖θ_k − θ‖ {float(global_norm(moved)):6.3f}  cos to −ĝ {cosine(moved, first[0]):6.3f}"
+                         f"  to −sign(g) {cosine(moved, first[1]):6.3f}")
+            print(f"  step {step:3d}  {self.state()}{where}", flush=True)
             if step == steps:
                 break
             if step % 20 == 0:
                 rng.shuffle(order)
             b = self.batch([self.attacker[order[(step * 4 + i) % len(order)]] for i in range(4)], "response")
+            if first is None:
+                self.model.eval()  # the direction of a simulated step, as the trap computes it (no dropout)
+                g = self.gradient([self.attacker[order[i]] for i in range(4)])
+                first = ([-x for x in g], [-x.sign() for x in g])
             self.model.train()
             loss = token_ce(self.logits(b), b["labels"])
             opt.zero_grad()
