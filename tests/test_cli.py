@@ -139,7 +139,25 @@ BAD = {
     "unknown-eval-item": (["evaluate", "--model", "tiny-llama", "--data", "starter", *OUT,
                            "--suite", "harmful,sst3"], "unknown evaluation suite item(s) ['sst3']"),
     "missing-experiment": (["run", "TMP/nope.yaml"], "experiment file"),
+    "log-without-log": (["log", "TMP"], "log.jsonl does not exist"),
 }
+
+
+def test_log_prints_the_chosen_keys_of_every_step_that_has_them(tmp_path):
+    entries = [{"step": 0, "monitor/a": 0.5, "monitor/b": 2},
+               {"step": 1, "loss": 1.234567, "lr": 1e-3},
+               {"step": 2, "loss": 0.5, "monitor/a": 0.25, "elapsed_s": 3.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    result = invoke("log", tmp_path, "-k", "loss,monitor/*")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    assert rows[0] == ["step", "loss", "monitor/a", "monitor/b"]
+    assert rows[1:] == [["0", "0.5", "2"], ["1", "1.235"], ["2", "0.5", "0.25"]]
+    assert result.output.splitlines()[2].rstrip().endswith("1.235")  # blanks stay in their columns
+    every = invoke("log", tmp_path).output.splitlines()[0].split()
+    assert every == ["step", "monitor/a", "monitor/b", "loss", "lr", "elapsed_s"]
+    bad = invoke("log", tmp_path, "-k", "loss,los")
+    assert bad.exit_code == 2 and "not in the log: los (logged keys: monitor/a" in bad.stderr
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -216,6 +216,18 @@ def report(run_dir):
     click.echo(f"report written to {_run_guarded(lambda: write_report(run_dir))}")
 
 
+@main.command(name="log")
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option("--keys", "-k", default="", help="comma list of logged keys; KEY* takes every key "
+                                               "with that prefix (monitor/*); default: all")
+def log_(run_dir, keys):
+    """Print a run's log.jsonl as a table: one row per logged step, one column per key."""
+    from .report import log_table, read_log
+
+    wanted = [k.strip() for k in keys.split(",") if k.strip()]
+    click.echo(_run_guarded(lambda: log_table(read_log(run_dir), wanted)))
+
+
 @main.command(name="train-judge")
 @click.option("--data-dir", "data_dir", default=None,
               help="read the sources from this local folder (else the hub)")

@@ -282,6 +282,40 @@ def plot_strength(rows, out: Path) -> list[Path]:
     return made
 
 
+def read_log(path) -> list[dict]:
+    """The entries of a run's log.jsonl (`path` the file or its run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (a run directory holds log.jsonl once it has trained)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def log_table(entries: list[dict], keys: Optional[list[str]] = None) -> str:
+    """A text table of log entries: step, then one column per key (a key ending in * takes every
+    logged key with that prefix; no keys: every logged key but the step), one row per entry that
+    holds any of them; numbers to 4 significant digits, blank where a row lacks the key."""
+    logged = list(dict.fromkeys(k for e in entries for k in e if k != "step"))
+    if not keys:
+        columns = logged
+    else:
+        columns, unknown = [], []
+        for key in keys:
+            hits = [k for k in logged if (k.startswith(key[:-1]) if key.endswith("*") else k == key)]
+            columns += [k for k in hits if k not in columns]
+            if not hits:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"not in the log: {', '.join(unknown)} (logged keys: {', '.join(logged)})")
+    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    body = [[cell(e.get("step"))] + [cell(e.get(k)) for k in columns]
+            for e in entries if any(k in e for k in columns)]
+    header = ["step"] + columns
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + body)
+
+
 def plot_attack_losses(rows, out: Path) -> list[Path]:
     """Per defense: harmful, alignment and collapse loss on held-out harmful prompts while each
     attack trains (from the attack run's log.jsonl)."""
@@ -295,8 +329,7 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
             log_path = Path(r["eval_dir"]).parent / "log.jsonl"
             if not log_path.exists():
                 continue
-            entries = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
-            entries = [e for e in entries if "monitor/harmful_loss" in e]
+            entries = [e for e in read_log(log_path) if "monitor/harmful_loss" in e]
             if entries:
                 curves[f'{r["attack"]} (s{r["seed"]})'] = entries
         if not curves:
@@ -322,10 +355,12 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
 # defense's own probe, logged as monitor/<defense>/<key>)
 _MONITOR_PANELS = (
     ("greedy answers to held-out harmful prompts", "fraction",
-     ("collapse_token_share", "degenerate_rate", "refusal_rate", "*/point/collapse_token_share")),
+     ("collapse_token_share", "degenerate_rate", "refusal_rate", "*/point/collapse_token_share",
+      "*/point/refusal_rate")),
     ("teacher-forced collapse loss", "cross-entropy (nats/token)",
      ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
-    ("the defense's probe", "value", ("*/trap_gap",)),
+    ("the defense's probe", "value",
+     ("*/trap_gap", "*/cos_sd", "*/harmful_reduction", "*/tamper_loss_start", "*/tamper_loss_end")),
 )
 
 
@@ -354,7 +389,7 @@ def plot_align_monitor(rows, out: Path) -> list[Path]:
         for r in rows:
             path = Path(r.get("align_dir") or "") / "log.jsonl"
             if r["defense"] == d and r["seed"] not in logs and path.is_file():
-                entries = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+                entries = read_log(path)
                 if any(k.startswith("monitor/") for e in entries for k in e):
                     logs[r["seed"]] = entries
         panels = [(title, ylabel, {f"{name} (s{seed})": pts for seed, entries in logs.items()
