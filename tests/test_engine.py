@@ -563,3 +563,27 @@ def test_engine_refuses_a_monitor_key_without_a_monitor(tiny, tmp_path):
         train(defense.model, defense, streams, _args(), tmp_path / "run", main_stream="align",
               progress=False, selection=Selection("monitor/collapse_token_share"))
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_selection_of_the_initial_weights_is_warned_about(caplog):
+    """When no later step beats step 0 (or none meets the limits), the kept weights are the ones
+    training started from: restore says so in the log, since the saved model is then not trained."""
+    from inoculate.training import Selection
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    sel = Selection("monitor/x", "max", limits=["monitor/y<=0.1"])
+    sel.offer(0, {"monitor/x": 0.0, "monitor/y": 0.0}, [("p", p)], updates=0)
+    with torch.no_grad():
+        p.add_(1.0)
+    sel.offer(10, {"monitor/x": 1.0, "monitor/y": 0.5}, [("p", p)], updates=10)  # better, but over the limit
+    with caplog.at_level("WARNING", logger="inoculate.training"):
+        assert sel.restore([("p", p)])["step"] == 0
+    assert torch.equal(p.detach(), torch.zeros(2))
+    assert "kept the weights before any update (step 0" in caplog.text and "monitor/y<=0.1" in caplog.text
+    caplog.clear()
+    sel = Selection("monitor/x", "max")
+    sel.offer(0, {"monitor/x": 0.0}, [("p", p)], updates=0)
+    sel.offer(10, {"monitor/x": 1.0}, [("p", p)], updates=10)
+    with caplog.at_level("WARNING", logger="inoculate.training"):
+        assert sel.restore([("p", p)])["step"] == 10
+    assert "before any update" not in caplog.text
