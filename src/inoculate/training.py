@@ -384,12 +384,11 @@ class Selection:
                                   f"{', '.join(sorted(logs))}")
 
     def restore(self, named) -> dict:
+        met = f" within select_limits {self.limit_texts}" if self.limits else ""
         if self.weights is None:
-            met = f" within select_limits {self.limit_texts}" if self.limits else ""
             raise RuntimeError(f"select_by={self.key!r}: no logged step had a finite value{met} to select; "
                                f"the model is not saved (the log shows every logged step's values)")
         if self.updates == 0:
-            met = f" within select_limits {self.limit_texts}" if self.limits else ""
             log.warning("select_by=%r kept the weights before any update (step 0, %s = %s): no later "
                         "logged step was better%s; the saved model is the one training started from",
                         self.key, self.key, self.value, met)

@@ -317,7 +317,6 @@ class SEAM(Defense):
         return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), **logs,
                 "s_ul": s.item(), "total": total}
 
-
     def probe(self, batches, at_point=None):
         """SEAM's terms on held-out batches (the alignment monitor): L_ul and S on the held-out
         harmful answers, L_up on their refusals, and Steps 3-4 (g_a on the harmful answers, g_b
