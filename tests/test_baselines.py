@@ -544,6 +544,39 @@ def test_npo_full_parameter_matches_formula_and_raises_harmful_nll(llama):
     assert d.reference is not None and not any(p.requires_grad for p in d.reference.parameters())
 
 
+@pytest.mark.parametrize("name,batches", [
+    ("vaccine", lambda: {"align": _batch(3, 11)}),
+    ("repnoise", lambda: {"paired": _paired(4, 12)}),
+    ("npo", lambda: {"harmful": _batch(3, 13), "align": _batch(3, 14)})])
+def test_probe_logs_a_training_step_and_changes_nothing(llama, name, batches):
+    """Vaccine's, RepNoise's and NPO's held-out probes (the alignment monitor's) log what a
+    training micro-step on the same batches logs (RepNoise: with the same noise, drawn from a
+    generator seeded PROBE_NOISE_SEED), draw no random number from the global stream, and leave
+    θ bit-identical and p.grad empty."""
+    from inoculate.defenses.repnoise import PROBE_NOISE_SEED
+
+    model = _model(llama, lora=True)
+    b = batches()
+    d = _defense(name, model)
+    with torch.no_grad():  # NPO: away from the reference, so its terms are not at their start values
+        for p in d.params:
+            p.add_(0.01 * torch.randn_like(p))
+    before = [p.detach().clone() for p in d.params]
+    rng = torch.get_rng_state()
+    probed = d.probe(b, at_point=lambda: pytest.fail(f"{name} simulates no attack"))
+    assert torch.equal(torch.get_rng_state(), rng), "the probe drew a random number"
+    assert all(torch.equal(p, q) for p, q in zip(d.params, before))
+    assert all(p.grad is None for p in d.params)
+    torch.manual_seed(PROBE_NOISE_SEED)
+    trained = d.accumulate(b, scale=1.0)
+    assert set(trained) <= set(probed)
+    for k, v in trained.items():
+        assert math.isclose(probed[k], v, rel_tol=1e-5, abs_tol=1e-6), k
+    if name == "vaccine":
+        assert probed["perturbation_gap"] == pytest.approx(probed["loss"] - probed["clean_loss"])
+        assert probed["perturbation_gap"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # TAR
 # ---------------------------------------------------------------------------------------------

@@ -472,10 +472,13 @@ def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path
 @pytest.mark.parametrize("defense,options,key", [
     ("booster", {}, "booster/point/refusal_rate"),
     ("seam", {"dtype": "float32"}, "seam/cos_sd"),
-    ("tar", {"tar.inner_steps": 2, "tar.tamper_every": 2}, "tar/point/refusal_rate")])
-def test_align_monitor_logs_the_probe_of_every_look_ahead_defense(tmp_path, defense, options, key):
-    """Booster, SEAM and TAR have probes too: a monitored alignment logs them under
-    monitor/<defense>/ at step 0 and every logging step."""
+    ("tar", {"tar.inner_steps": 2, "tar.tamper_every": 2}, "tar/point/refusal_rate"),
+    ("vaccine", {}, "vaccine/perturbation_gap"),
+    ("repnoise", {}, "repnoise/noise_mmd"),
+    ("npo", {}, "npo/npo_loss")])
+def test_align_monitor_logs_the_probe_of_every_defense(tmp_path, defense, options, key):
+    """Every defense but SFT has a probe (CTRAP's is tested above): a monitored alignment logs
+    it under monitor/<defense>/ at step 0 and every logging step."""
     cfg = dict(ALIGN, defense=defense, max_steps=1, save_steps=0, lora_dropout=0.0, monitor_samples=2,
                monitor_new_tokens=2, **options)
     logged = _log(pipeline.align(cfg, tmp_path / "run", progress=False))

@@ -235,10 +235,11 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
     assert _monitor_series(entries, "collapse_loss") == {"collapse_loss": [(0, 5.0), (1, 4.0), (2, 3.0)]}
     assert _monitor_series(entries, "*/collapse_loss") == {}
     assert list(_monitor_series(entries, "*/point/collapse_token_share")) == ["ctrap/point/collapse_token_share"]
-    # every defense's probe has its values in the panels (Booster, SEAM, TAR too)
+    # every defense's probe has its values in the panels
     from inoculate.report import _MONITOR_PANELS
     paneled = {k[2:] for _, _, keys in _MONITOR_PANELS for k in keys if k.startswith("*/")}
-    assert {"trap_gap", "cos_sd", "harmful_reduction", "tamper_loss_end", "point/refusal_rate"} <= paneled
+    assert {"trap_gap", "cos_sd", "harmful_reduction", "tamper_loss_end", "point/refusal_rate",
+            "perturbation_gap", "harmful_lens_loss", "npo_loss"} <= paneled
 
 
 def test_cli_run_reuses_and_prints_the_table(grid):

@@ -360,7 +360,8 @@ _MONITOR_PANELS = (
     ("teacher-forced collapse loss", "cross-entropy (nats/token)",
      ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
     ("the defense's probe", "value",
-     ("*/trap_gap", "*/cos_sd", "*/harmful_reduction", "*/tamper_loss_start", "*/tamper_loss_end")),
+     ("*/trap_gap", "*/cos_sd", "*/harmful_reduction", "*/tamper_loss_start", "*/tamper_loss_end",
+      "*/perturbation_gap", "*/harmful_lens_loss", "*/npo_loss")),
 )
 
 

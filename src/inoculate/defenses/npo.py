@@ -96,18 +96,28 @@ class NPO(Defense):
         self.reference.train(self.model.training)  # same dropout behaviour as the policy
         return sequence_nll(*answer_logits_of(self.reference, batch))
 
-    def accumulate(self, batches, scale):
+    def loss_and_logs(self, batches):
         harmful = batches["harmful"]
         nll_ref = self.reference_nll(harmful)                                    # Step 1
         nll = sequence_nll(*self.answer_logits(harmful))                         # Step 2
-        loss_npo = npo_loss(nll, nll_ref, self.config.beta)                      # Step 3
-        logs = {"npo_loss": loss_npo.item(), "harmful_nll": nll.mean().item(),
+        loss = npo_loss(nll, nll_ref, self.config.beta)                          # Step 3
+        logs = {"npo_loss": loss.item(), "harmful_nll": nll.mean().item(),
                 "harmful_nll_ref": nll_ref.mean().item()}
-        loss = loss_npo
         if self.config.retain_weight:
             retain = self.lm_loss(batches["align"])                              # Step 4
             loss = loss + self.config.retain_weight * retain
             logs["retain_loss"] = retain.item()
-        self.backward(loss, scale)                                               # Step 5
         logs["loss"] = loss.item()
+        return loss, logs
+
+    def accumulate(self, batches, scale):
+        loss, logs = self.loss_and_logs(batches)
+        self.backward(loss, scale)                                               # Step 5
         return logs
+
+    def probe(self, batches, at_point=None):
+        """NPO's terms on held-out batches (the alignment monitor): the NPO loss, the harmful
+        answers' NLL under θ and under the reference, and the retain CE, as a training
+        micro-step logs them; no gradient is taken."""
+        with torch.no_grad():
+            return self.loss_and_logs(batches)[1]

@@ -99,23 +99,25 @@ class RepNoise(Defense):
                 h.remove()
         return outputs, [captured[i] for i in range(len(self.mlps))]
 
-    def noise_mmd(self, mlp_outputs, mask: torch.Tensor) -> torch.Tensor:
+    def noise_mmd(self, mlp_outputs, mask: torch.Tensor, generator=None) -> torch.Tensor:
+        """Mean over layers of MMD(h_l, ε_l), ε drawn from `generator` (None: the global one)."""
         m = mask.unsqueeze(-1)
         total = 0.0
         for h in mlp_outputs:
             x = (h.float() * m).reshape(h.shape[0], -1)
-            y = (torch.randn(h.shape, device=h.device, dtype=torch.float32) * m).reshape(h.shape[0], -1)
+            eps = torch.randn(h.shape, device=h.device, dtype=torch.float32, generator=generator)
+            y = (eps * m).reshape(h.shape[0], -1)
             total = total + gaussian_mmd(x, y, self.config.kernels, self.config.kernel_multiplier)
         return total / len(mlp_outputs)
 
-    def loss_terms(self, paired: dict):
+    def loss_terms(self, paired: dict, generator=None):
         harmful, refusal = paired["harmful"], paired["refusal"]
         ce_refusal = self.lm_loss(refusal)                                     # Step 1
         outputs, mlp_out = self.mlp_outputs_and_forward(harmful)               # Step 2
         if not harmful["answer_mask"].any():
             raise ValueError("repnoise: the paired batch's harmful answers never differ from "
                              "the refusals (answer_mask is empty)")
-        noise = self.noise_mmd(mlp_out, harmful["answer_mask"].float())  # Step 3
+        noise = self.noise_mmd(mlp_out, harmful["answer_mask"].float(), generator)  # Step 3
         s_harm = logit_lens_ce(self.model, outputs, answer_labels(harmful))    # Step 4
         cfg = self.config
         loss = ce_refusal + cfg.beta * noise - cfg.alpha * torch.log1p(s_harm)  # Step 5
@@ -124,5 +126,23 @@ class RepNoise(Defense):
     def accumulate(self, batches, scale):
         loss, ce, noise, s_harm = self.loss_terms(batches["paired"])
         self.backward(loss, scale)
-        return {"loss": loss.item(), "refusal_loss": ce.item(), "noise_mmd": noise.item(),
-                "harmful_lens_loss": s_harm.item()}
+        return _logs(loss, ce, noise, s_harm)
+
+    def probe(self, batches, at_point=None):
+        """RepNoise's terms on the held-out paired batch (the alignment monitor), as a training
+        micro-step logs them: the loss, the refusal CE, the noise MMD and the harmful answers'
+        logit-lens CE. The noise comes from a generator seeded with PROBE_NOISE_SEED, the same
+        draw at every logging step and none from the global stream; no gradient is taken."""
+        device = batches["paired"]["harmful"]["input_ids"].device
+        generator = torch.Generator(device).manual_seed(PROBE_NOISE_SEED)
+        with torch.no_grad():
+            return _logs(*self.loss_terms(batches["paired"], generator))
+
+
+#: seed of the probe's noise (any fixed value: the monitor compares steps, not seeds)
+PROBE_NOISE_SEED = 0
+
+
+def _logs(loss, ce, noise, s_harm) -> dict:
+    return {"loss": loss.item(), "refusal_loss": ce.item(), "noise_mmd": noise.item(),
+            "harmful_lens_loss": s_harm.item()}

@@ -113,3 +113,14 @@ class Vaccine(Defense):
         loss = self.perturbed_loss(batch, deltas)
         self.backward(loss, scale)
         return {"loss": loss.item(), "clean_loss": clean.item()}
+
+    def probe(self, batches, at_point=None):
+        """Vaccine's two losses on the held-out alignment batch (the alignment monitor): clean
+        and at the worst-case drift of radius ρ, as a training micro-step logs them, and their
+        difference perturbation_gap, what Vaccine trains to keep small. Pass 1 differentiates to
+        the attention outputs only, so nothing reaches p.grad; no weight moves."""
+        batch = batches["align"]
+        clean, grads = self.attention_gradients(batch)
+        with torch.no_grad():
+            perturbed = self.perturbed_loss(batch, self.perturbations(grads)).item()
+        return {"loss": perturbed, "clean_loss": clean.item(), "perturbation_gap": perturbed - clean.item()}
