@@ -332,6 +332,29 @@ def _trainable(run_dir):
     return load_file(str(Path(run_dir) / "model" / "adapter_model.safetensors"))
 
 
+def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp_path):
+    """monitor_answers adds to the attack's loss curves the greedy answers' collapse-token share,
+    degenerate and refusal rates at every logging step; the last ones are those of the saved
+    attacked model. Off by default; without monitor_samples it is a config error."""
+    values = dict(ATTACK, model=str(aligned), monitor_answers=True, monitor_new_tokens=3)
+    out = pipeline.attack(values, tmp_path / "answers", progress=False)
+    logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    keys = ("collapse_token_share", "degenerate_rate", "refusal_rate")
+    monitored = [l for l in logs if "monitor/harmful_loss" in l]
+    assert [l["step"] for l in monitored] == [0, 1, 2]
+    assert all(0.0 <= l[f"monitor/{k}"] <= 1.0 for l in monitored for k in keys)
+    cfg, _ = pipeline.attack_config(values)
+    loaded = load_model(str(out))
+    prompts = pipeline.harmful_records(cfg, pipeline._suite(cfg).harmful_test_split, limit=2)
+    want = pipeline._answer_monitor(prompts, loaded.tokenizer, cfg, cfg.collapse_text)(loaded.model)
+    assert {k: monitored[-1][f"monitor/{k}"] for k in keys} == want
+
+    plain = pipeline.attack(dict(ATTACK, model=str(aligned)), tmp_path / "plain", progress=False)
+    assert not any("monitor/refusal_rate" in json.loads(l) for l in (plain / "log.jsonl").read_text().splitlines())
+    with pytest.raises(ConfigError, match="monitor_answers"):
+        pipeline.attack_config(dict(values, monitor_samples=0))
+
+
 def test_projected_attack_with_sgd_moves_orthogonally_to_d(aligned, tmp_path):
     values = dict(ATTACK, model=str(aligned), objective="projected", optim="sgd", weight_decay=0.0,
                   projection_samples=4)

@@ -115,9 +115,15 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     lora_dropout: float = doc(0.0, "dropout of a fresh attack adapter")
     lora_target_modules: Optional[list[str]] = doc(None, "modules of a fresh attack adapter")
     monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves (0: off)")
+    monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values); costs monitor_new_tokens generated tokens per prompt and logging step")
+    monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
     def __post_init__(self):
+        if self.monitor_answers and not self.monitor_samples:
+            raise ConfigError("monitor_answers answers the monitor's held-out prompts: set monitor_samples > 0")
+        if self.monitor_new_tokens < 1:
+            raise ConfigError(f"monitor_new_tokens must be >= 1, got {self.monitor_new_tokens}")
         if self.attack not in ATTACKS:
             ATTACKS.get(self.attack)  # raises with close names
         if self.lora_mode not in ("continue", "merge", "full"):
@@ -153,7 +159,7 @@ _LATER_FIELDS = {
     "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
               "monitor_samples", "monitor_new_tokens"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
-               "projection_refresh", "projection_samples"),
+               "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens"),
     "evaluate": ("extra_judges",),
 }
 
@@ -621,6 +627,11 @@ def attack(values: dict, out: str, overwrite: bool = False, progress: bool = Tru
     if cfg.monitor_samples:
         probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
         monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text)
+        if cfg.monitor_answers:
+            losses, answers = monitor, _answer_monitor(probe, tok, cfg, cfg.collapse_text)
+
+            def monitor(model):
+                return {**losses(model), **answers(model)}
     result = train(model, attacker, streams, cfg, out, main_stream="align", monitor=monitor,
                    progress=progress)
     save_model(model, tok, out / "model", base=base)
@@ -692,6 +703,28 @@ def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
     return monitor
 
 
+def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str):
+    """Greedy answers (cfg.monitor_new_tokens) to the held-out harmful `prompts`, counted as
+    evaluation counts them: the collapse-token share of their tokens and the keyword judge's
+    degenerate and refusal rates."""
+    from .evaluation.generate import generate
+    from .evaluation.judges import keyword_label
+    from .evaluation.metrics import collapse_token_id, generation_stats
+
+    token = collapse_token_id(tok, collapse_text)
+
+    def answers(model):
+        texts = generate(model, tok, prompts, cfg.template, cfg.monitor_new_tokens,
+                         batch_size=len(prompts), progress=False)
+        labels = [keyword_label(a) for a in texts]
+        share = generation_stats(texts, tok, token)["collapse_token_share"]  # None: all empty
+        return {"collapse_token_share": math.nan if share is None else share,
+                "degenerate_rate": labels.count("degenerate") / len(labels),
+                "refusal_rate": labels.count("refusal") / len(labels)}
+
+    return answers
+
+
 def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     """The alignment's held-out monitor (monitor_samples = N > 0), run at every logging step on
     the weights after that step's update: on the last N harmful prompts of the test split and
@@ -701,10 +734,6 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     own `probe` on held-out batches built like its training streams, under the training's
     autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
     values again at the point its simulated attack reaches (ctrap/point/collapse_token_share)."""
-    from .evaluation.generate import generate
-    from .evaluation.judges import keyword_label
-    from .evaluation.metrics import collapse_token_id, generation_stats
-
     suite = _suite(cfg)
     n = cfg.monitor_samples
     harmful = harmful_records(cfg, suite.harmful_test_split, last=n)
@@ -714,7 +743,7 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
                           f"({len(harmful)} harmful, {len(general)} general)")
     collapse_text = getattr(dcfg, "collapse_text", "an error")
     losses = _loss_monitor(harmful, tok, cfg, device, collapse_text, general)
-    token = collapse_token_id(tok, collapse_text)
+    answers = _answer_monitor(harmful, tok, cfg, collapse_text)
     batches = {}
     for name, spec in defense.streams().items():
         if spec.role in ("align", "paired") and any(r.refusal is None for r in harmful):
@@ -726,15 +755,6 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
         batches[name] = to_device(Stream(name, examples, len(examples), tok.pad_token_id, 0,
                                          paired=spec.role == "paired").next(), device)
     bf16 = use_bf16(cfg, device)
-
-    def answers(model):
-        texts = generate(model, tok, harmful, cfg.template, cfg.monitor_new_tokens,
-                         batch_size=len(harmful), progress=False)
-        labels = [keyword_label(a) for a in texts]
-        share = generation_stats(texts, tok, token)["collapse_token_share"]  # None: all empty
-        return {"collapse_token_share": math.nan if share is None else share,
-                "degenerate_rate": labels.count("degenerate") / len(labels),
-                "refusal_rate": labels.count("refusal") / len(labels)}
 
     def monitor(model):
         out = losses(model)
