@@ -242,6 +242,28 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
             "perturbation_gap", "harmful_lens_loss", "npo_loss"} <= paneled
 
 
+def test_attack_plot_draws_the_answers_where_an_attack_monitored_them(tmp_path):
+    """The attack plot has the three loss panels, and a fourth with the greedy answers'
+    collapse-token share when an attack logged it (monitor_answers)."""
+    from inoculate.report import _attack_panels, plot_attack_losses
+
+    losses = {"monitor/harmful_loss": 2.0, "monitor/alignment_loss": 1.0, "monitor/collapse_loss": 5.0}
+    plain = {"a (s1)": [dict(losses, step=s) for s in range(3)]}
+    answered = {**plain, "b (s1)": [dict(losses, step=s, **{"monitor/collapse_token_share": s / 4})
+                                    for s in range(3)]}
+    assert [p[0] for p in _attack_panels(plain)] == ["harmful_loss", "alignment_loss", "collapse_loss"]
+    assert [p[0] for p in _attack_panels(answered)][-1] == "collapse_token_share"
+    rows = []
+    for attack, entries in answered.items():
+        run = tmp_path / attack.split()[0]
+        (run / "eval").mkdir(parents=True)
+        (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+        rows.append({"defense": "ctrap", "seed": 1, "attack": attack.split()[0], "eval_dir": str(run / "eval")})
+    made = plot_attack_losses(rows, tmp_path)
+    assert [p.name for p in made] == ["attack_losses_ctrap.png"]
+    assert made[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_run_reuses_and_prints_the_table(grid):
     result = CliRunner().invoke(main, ["run", str(grid["path"]), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output

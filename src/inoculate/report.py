@@ -316,9 +316,21 @@ def log_table(entries: list[dict], keys: Optional[list[str]] = None) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + body)
 
 
+def _attack_panels(curves: dict) -> list[tuple]:
+    """(monitor key, title, y label) of the attack plot's panels: the three losses, and the
+    greedy answers' collapse-token share when an attack logged it (monitor_answers)."""
+    ce = "cross-entropy (nats/token)"
+    panels = [("harmful_loss", "harmful loss", ce), ("alignment_loss", "alignment (refusal) loss", ce),
+              ("collapse_loss", "collapse loss", ce)]
+    if any("monitor/collapse_token_share" in e for entries in curves.values() for e in entries):
+        panels.append(("collapse_token_share", "greedy answers: collapse-token share", "fraction"))
+    return panels
+
+
 def plot_attack_losses(rows, out: Path) -> list[Path]:
     """Per defense: harmful, alignment and collapse loss on held-out harmful prompts while each
-    attack trains (from the attack run's log.jsonl)."""
+    attack trains (from the attack run's log.jsonl), and the greedy answers' collapse-token
+    share where the attack monitored its answers."""
     plt = _plt()
     made = []
     for d in dict.fromkeys(r["defense"] for r in rows):
@@ -334,16 +346,16 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
                 curves[f'{r["attack"]} (s{r["seed"]})'] = entries
         if not curves:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
-        for ax, key, title in zip(axes, ("harmful_loss", "alignment_loss", "collapse_loss"),
-                                  ("harmful loss", "alignment (refusal) loss", "collapse loss")):
-            for label, entries in curves.items():
+        panels = _attack_panels(curves)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), sharex=True)
+        for ax, (key, title, ylabel) in zip(axes, panels):
+            for i, (label, entries) in enumerate(curves.items()):  # one colour per attack in every panel
                 pts = [(e["step"], e[f"monitor/{key}"]) for e in entries if f"monitor/{key}" in e]
                 if pts:
-                    ax.plot(*zip(*pts), marker=".", label=label)
+                    ax.plot(*zip(*pts), marker=".", label=label, color=f"C{i % 10}")
             ax.set_title(title)
             ax.set_xlabel("attack step")
-            ax.set_ylabel("cross-entropy (nats/token)")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{d}: losses on held-out harmful prompts during fine-tuning")
