@@ -343,20 +343,22 @@ def test_two_trap_steps_gradient_matches_the_passes_by_hand(lora, normalize, col
     assert (c1 - c2).norm() > 1e-2 * c1.norm()
 
 
-def test_trap_steps_restore_parameters_exactly_and_free_each_direction():
+@pytest.mark.parametrize("step_direction", ["gradient", "adam"])
+def test_trap_steps_restore_parameters_exactly_and_free_each_direction(step_direction):
     """K=3 on full weights: θ is bit-identical afterwards, and at every forward pass no direction
-    of an earlier move is alive (each is freed once applied, as for K=1)."""
+    of an earlier move is alive (each is freed once applied, as for K=1; Adam's moments are
+    fp32 copies of their own, not the directions)."""
     import gc
     import weakref
 
     model, tok = _model(lora=False)
-    d = _defense(model, tok, alpha=0.5, trap_steps=3)
+    d = _defense(model, tok, alpha=0.5, trap_steps=3, step_direction=step_direction)
     before = [p.detach().clone() for p in d.params]
     refs, alive, made = [], [], []
     original = d.simulated_step
 
-    def recording(g_h, away=None):
-        direction, step = original(g_h, away)
+    def recording(g_h, away=None, moments=None):
+        direction, step = original(g_h, away, moments)
         refs.extend(weakref.ref(t) for t in direction)
         made.append(len(direction))
         return direction, step
@@ -454,9 +456,14 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     _, dcfg, resolved = pipeline.align_config(values)
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
     assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
-        "trap_steps", "step_direction", "benign_guard", "project_out_general"}
+        "trap_steps", "step_direction", "benign_guard", "project_out_general",
+        "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
+                                               "ctrap.adam_beta2": "0.99"})
+    assert dcfg.adam_beta2 == 0.99 and resolved["ctrap"]["adam_beta2"] == 0.99
+    assert "adam_beta1" not in resolved["ctrap"]
     with pytest.raises(ConfigError, match="trap_steps"):
         pipeline.align_config({**values, "ctrap.trap_steps": "0"})
 
@@ -524,9 +531,108 @@ def test_bad_step_direction_is_rejected():
     from inoculate.config import ConfigError
 
     with pytest.raises(ConfigError, match="step_direction"):
-        CTRAPConfig(step_direction="adam")
-    with pytest.raises(ConfigError, match="second_order and step_direction"):
-        CTRAPConfig(step_direction="sign", second_order=True)
+        CTRAPConfig(step_direction="adamw")
+    for direction in ("sign", "adam"):
+        with pytest.raises(ConfigError, match="second_order and step_direction"):
+            CTRAPConfig(step_direction=direction, second_order=True)
+    for field, value in [("adam_beta1", 1.0), ("adam_beta2", -0.1), ("adam_beta2", "0.9"), ("adam_epsilon", 0.0)]:
+        with pytest.raises(ConfigError, match=field):
+            CTRAPConfig(step_direction="adam", **{field: value})
+    with pytest.raises(ConfigError, match="trap_fresh_batches needs trap_steps > 1"):
+        CTRAPConfig(trap_fresh_batches=True)
+    with pytest.raises(ConfigError, match="trap_fresh_batches must be"):
+        CTRAPConfig(trap_fresh_batches="yes", trap_steps=2)
+
+
+def test_fresh_batches_stream_draws_one_batch_per_simulated_step():
+    model, tok = _model()
+    d = _defense(model, tok, harmful_batch_size=3, trap_steps=2, trap_fresh_batches=True)
+    assert d.streams()["harmful"].batch_size == 6
+    assert _defense(model, tok, harmful_batch_size=3, trap_steps=2).streams()["harmful"].batch_size == 3
+    one = {k: v[:1] for k, v in _batches(tok)["harmful"].items()}
+    with pytest.raises(ValueError, match="fewer than trap_steps=2"):
+        d.harmful_batches(one)
+
+
+# step_direction = adam (a deviation, off by default): the trap_steps simulated steps are Adam
+# steps with the moments carried across them, the first K iterates of an AdamW attacker
+# ---------------------------------------------------------------------------------------------
+
+def _adam_iterates(d, batches, lr, betas=(0.9, 0.999), eps=1e-8):
+    """θ_1..θ_K of torch.optim.AdamW (no weight decay) from θ, step k on the loss of batches[k-1];
+    θ is restored at the end."""
+    theta = [p.detach().clone() for p in d.params]
+    opt = torch.optim.AdamW(d.params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    points = []
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        d.lm_loss(batch).backward()
+        opt.step()
+        points.append([p.detach().clone() for p in d.params])
+    with torch.no_grad():
+        for p, q in zip(d.params, theta):
+            p.copy_(q)
+            p.grad = None
+    return points
+
+
+@pytest.mark.parametrize("lora,fresh", [(True, False), (False, False), (True, True)])
+def test_adam_trap_follows_the_adamw_attackers_first_iterates(lora, fresh):
+    """With normalize=false the K simulated points are torch.optim.AdamW's first K iterates at
+    lr α on the harmful batch (with trap_fresh_batches: step k on the k-th part of it, as an
+    attacker drawing a new batch each step), and the gradient is g_a + λ·mean_k ∇ℓ_collapse(θ_k)."""
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha, lam, K, betas = 0.02, 0.3, 3, (0.8, 0.95)
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, step_direction="adam", normalize=False,
+                 trap_steps=K, adam_beta1=betas[0], adam_beta2=betas[1], trap_fresh_batches=fresh)
+    h = b["harmful"]
+    parts = [{k: v[i:j] for k, v in h.items()} for i, j in [(0, 2), (2, 3), (3, 4)]] if fresh else [h] * K
+    assert [p["input_ids"].shape[0] for p in d.harmful_batches(h)] == [p["input_ids"].shape[0] for p in parts]
+    points = _adam_iterates(d, parts, alpha, betas)
+    if fresh:  # not the iterates on one batch
+        same = _adam_iterates(d, [h] * K, alpha, betas)[-1]
+        assert sum(float((x - y).norm()) for x, y in zip(points[-1], same)) > 1e-4
+    # the probe's deepest point is the AdamW attacker's K-th iterate
+    seen = d.probe(b, at_point=lambda: {"theta": [p.detach().clone() for p in d.params]})["point/theta"]
+    for x, y in zip(seen, points[-1]):  # (coordinates whose gradient is near ε amplify rounding)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    # the gradient: the collapse gradients at those iterates, averaged, plus the alignment gradient
+    _, got = _accumulate_restored(d, b)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    relabelled = torch.where(retain["labels"] != -100, d.token, -100)
+    theta = [p.detach().clone() for p in d.params]
+    g_c = []
+    for point in points:
+        with torch.no_grad():
+            for p, q in zip(d.params, point):
+                p.copy_(q)
+        g_c.append(_grads(model, d.params, token_ce(_fwd(model, retain), relabelled)))
+    with torch.no_grad():
+        for p, q in zip(d.params, theta):
+            p.copy_(q)
+    g_a = _grads(model, d.params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [a + lam * sum(cs) / K for a, *cs in zip(g_a, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    # beyond the first step it is not the fresh-sign trajectory
+    sign = _trajectory_by_hand(model, d.params, b, retain, d.token, alpha, K, normalize=False, sign=True)[0]
+    diff = sum(float((x - y).norm()) for x, y in zip(sign[-1], g_c[-1]))
+    assert diff > 1e-3 * sum(float(x.norm()) for x in g_c[-1])
+
+
+def test_adam_direction_first_step_is_the_sign_and_normalize_sets_the_length():
+    model, tok = _model()
+    g = lambda: [torch.tensor([3.0, -0.5, 0.0]), torch.tensor([-2e-3])]
+    d = _defense(model, tok, alpha=0.3, step_direction="adam", adam_epsilon=1e-12)
+    direction, step = d.simulated_step(g())
+    torch.testing.assert_close(torch.cat(direction), torch.tensor([1.0, -1.0, 0.0, -1.0]))
+    assert step == pytest.approx(-0.3 / 3 ** 0.5, rel=1e-6)  # length α, as for the other directions
+    # a second step with the same moments is no longer a sign: m̂/√v̂ mixes the two gradients
+    moments = {}
+    d.simulated_step(g(), moments=moments)
+    direction, _ = d.simulated_step([torch.tensor([-3.0, -0.5, 1.0]), torch.tensor([-2e-3])], moments=moments)
+    assert moments["t"] == 2 and abs(float(direction[0][0])) < 0.5 and float(direction[0][1]) == pytest.approx(-1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,15 @@ normalize=false, α per coordinate: one Adam step at learning rate α). On SmolL
 direction trap was entered by SGD attackers and walked around by AdamW ones
 (docs/methods/ctrap-smollm2.md); this option builds the trap along the AdamW attacker's path.
 Combines with trap_steps (every simulated step is a sign step) and trap_every.
+`step_direction=adam` follows the AdamW attacker further: the K = trap_steps simulated steps are
+Adam steps from fresh moments, carried across the steps of one trajectory,
+  m_k = β1·m_{k-1} + (1−β1)·g_k,  v_k = β2·v_{k-1} + (1−β2)·g_k²,
+  θ_k = θ_{k-1} − α·(m_k/(1−β1^k)) / (√(v_k/(1−β2^k)) + ε)     (normalize=false),
+with g_k the harmful gradient at θ_{k-1} (adam_beta1/adam_beta2/adam_epsilon, the attacker's,
+HF's defaults 0.9/0.999/1e-8): with normalize=false and α = the attacker's learning rate, θ_1..θ_K
+are the first K iterates of torch.optim.AdamW (no weight decay) on the harmful batch. K = 1 is the
+sign step up to ε. The moments are fp32 copies of the trainable parameters, freed after the
+trajectory (2 such copies of memory while the trap runs).
 
 Deviation from the paper and the official code (off by default): `trap_steps=K > 1` simulates K
 normalized harmful steps on the same harmful batch, the harmful gradient recomputed at each point,
@@ -36,6 +45,12 @@ one step from θ: on SmolLM2 one real SGD step landed in the collapse and the ne
 (docs/methods/ctrap-smollm2.md). All moves happen inside one `moved` context (one saved copy of
 θ, restored bit-exactly at the end); each direction is freed once applied. K = 1 is the code
 above, operation for operation.
+
+Deviation (off by default): `trap_fresh_batches=true` (with trap_steps = K > 1) gives each simulated
+step its own harmful batch, as a real attacker draws a new batch at each step: the harmful stream
+then draws K·harmful_batch_size examples per micro-step, split in K equal parts (torch.tensor_split:
+the held-out monitor's batch too), g_k taken on the k-th. The passes are unchanged; each harmful
+pass sees harmful_batch_size examples as before.
 
 Deviation (off by default): `benign_guard=μ > 0` adds a selectivity term. One simulated benign
 step of the same kind and length as the (first) harmful one, θ_b = θ − α·ĝ_b with ĝ_b the
@@ -76,7 +91,7 @@ from .base import Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, 
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
-STEP_DIRECTIONS = ("gradient", "sign")
+STEP_DIRECTIONS = ("gradient", "sign", "adam")
 
 
 @dataclass
@@ -102,7 +117,17 @@ class CTRAPConfig(DefenseConfig):
     step_direction: str = doc("gradient", "direction of the simulated step: gradient (paper/official code) | "
                                           "sign, DEVIATION: sign(g_h), the direction of Adam's first update "
                                           "(m̂/√v̂ = g/|g|), so the trap guards the region an AdamW attacker "
-                                          "steps into; with normalize, still of length α; not with second_order")
+                                          "steps into; with normalize, still of length α; not with second_order | "
+                                          "adam, DEVIATION: the trap_steps simulated steps are Adam steps "
+                                          "(moments carried across them), the first K iterates of an AdamW "
+                                          "attacker at lr α with normalize=false")
+    adam_beta1: float = doc(0.9, "β1 of the simulated Adam steps (step_direction=adam; HF's default)")
+    adam_beta2: float = doc(0.999, "β2 of the simulated Adam steps (step_direction=adam; HF's default)")
+    adam_epsilon: float = doc(1e-8, "ε of the simulated Adam steps (step_direction=adam; HF's default)")
+    trap_fresh_batches: bool = doc(False, "DEVIATION (false = one harmful batch for all simulated steps): with "
+                                          "trap_steps = K > 1, each simulated step takes its own harmful batch "
+                                          "(the stream draws K·harmful_batch_size examples, split in K), as a "
+                                          "real attacker draws a new batch at each step")
 
     benign_guard: float = doc(0.0, "μ, DEVIATION from the paper/official code (0 = theirs): weight of a "
                                    "selectivity term, the retain-batch CE after one simulated benign step "
@@ -117,7 +142,8 @@ class CTRAPConfig(DefenseConfig):
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
-    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general")
+    later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general",
+                                     "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -136,8 +162,20 @@ class CTRAPConfig(DefenseConfig):
         if self.step_direction not in STEP_DIRECTIONS:
             raise ConfigError(f"ctrap.step_direction must be one of {STEP_DIRECTIONS}, got {self.step_direction!r}")
         if self.second_order and self.step_direction != "gradient":
-            raise ConfigError("ctrap.second_order and step_direction=sign do not combine (sign(g_h) has "
-                              "zero derivative, so there is nothing to differentiate through)")
+            raise ConfigError(f"ctrap.second_order and step_direction={self.step_direction} do not combine (the "
+                              "exact gradient is taken through the gradient step only; sign(g_h) has zero derivative)")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"ctrap.{name} must be a number in [0, 1), got {value!r}")
+        if isinstance(self.adam_epsilon, bool) or not isinstance(self.adam_epsilon, (int, float)) \
+                or not self.adam_epsilon > 0:
+            raise ConfigError(f"ctrap.adam_epsilon must be a number > 0, got {self.adam_epsilon!r}")
+        if not isinstance(self.trap_fresh_batches, bool):
+            raise ConfigError(f"ctrap.trap_fresh_batches must be true or false, got {self.trap_fresh_batches!r}")
+        if self.trap_fresh_batches and self.trap_steps < 2:
+            raise ConfigError("ctrap.trap_fresh_batches needs trap_steps > 1 (it gives each simulated step "
+                              "its own harmful batch; with one step there is one batch)")
         if isinstance(self.benign_guard, bool) or not isinstance(self.benign_guard, (int, float)) \
                 or not self.benign_guard >= 0:
             raise ConfigError(f"ctrap.benign_guard must be a number >= 0, got {self.benign_guard!r}")
@@ -197,8 +235,21 @@ class CTRAP(Defense):
         return {
             "align": StreamSpec("align", self.batch_size),
             "general": StreamSpec("general", c.general_batch_size or self.batch_size),
-            "harmful": StreamSpec("harmful", c.harmful_batch_size),
+            "harmful": StreamSpec("harmful", c.harmful_batch_size * (c.trap_steps if c.trap_fresh_batches else 1)),
         }
+
+    def harmful_batches(self, batch: dict) -> list:
+        """The harmful batch of each of the K simulated steps: the same batch K times, or with
+        trap_fresh_batches its K parts (torch.tensor_split along the examples)."""
+        K = self.config.trap_steps
+        if not self.config.trap_fresh_batches:
+            return [batch] * K
+        n = batch["input_ids"].shape[0]
+        if n < K:
+            raise ValueError(f"ctrap.trap_fresh_batches: the harmful batch has {n} examples, fewer than "
+                             f"trap_steps={K}; each simulated step needs at least one")
+        parts = {k: torch.tensor_split(v, K) for k, v in batch.items()}
+        return [{k: parts[k][i] for k in batch} for i in range(K)]
 
     def setup(self, model, tokenizer):
         super().setup(model, tokenizer)
@@ -220,7 +271,8 @@ class CTRAP(Defense):
     def collapse(self, logits, labels):
         return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution)
 
-    def simulated_step(self, g_h, away: Optional[list] = None) -> tuple[list, float]:
+    def simulated_step(self, g_h, away: Optional[list] = None,
+                       moments: Optional[dict] = None) -> tuple[list, float]:
         """Direction and scale of Step 2 (θ' = θ + scale·direction).
 
         With `away` (project_out_general: the general batch's gradient) g_h first loses its
@@ -229,7 +281,11 @@ class CTRAP(Defense):
         With step_direction=sign the direction is sign(g_h), taken in place (g_h is this step's
         own, already all-reduced gradient): Adam's first update is lr·sign(g), so the normalized
         sign step is the first step of an AdamW attacker scaled to length α, and the unnormalized
-        one (normalize=false) moves every coordinate by α, an Adam step at learning rate α."""
+        one (normalize=false) moves every coordinate by α, an Adam step at learning rate α.
+
+        With step_direction=adam the direction is Adam's bias-corrected m̂/(√v̂ + ε), written into
+        g_h in place; `moments` is the trajectory's state (an empty dict at its first step, then
+        passed again for each further step: the fp32 moments and the step count live in it)."""
         c = self.config
         if away is not None:
             coef = float(dot(g_h, away)) / (float(dot(away, away)) + 1e-30)
@@ -238,9 +294,27 @@ class CTRAP(Defense):
         if c.step_direction == "sign":
             for g in g_h:
                 g.sign_()
+        elif c.step_direction == "adam":
+            self._adam_direction(g_h, {} if moments is None else moments)
         if c.normalize:
             return g_h, -c.alpha / (float(global_norm(g_h)) + 1e-7)
         return g_h, -c.alpha
+
+    def _adam_direction(self, g_h: list, moments: dict) -> None:
+        """g_h ← m̂/(√v̂ + ε) after one more Adam moment update with g_h (torch.optim.Adam's
+        arithmetic, in fp32); `moments` holds t, m and v across the steps of one trajectory."""
+        c = self.config
+        b1, b2 = c.adam_beta1, c.adam_beta2
+        t = moments["t"] = moments.get("t", 0) + 1
+        if t == 1:
+            moments["m"] = [torch.zeros_like(g, dtype=torch.float32) for g in g_h]
+            moments["v"] = [torch.zeros_like(g, dtype=torch.float32) for g in g_h]
+        correction1, root_correction2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+        for g, m, v in zip(g_h, moments["m"], moments["v"]):
+            g32 = g.float()
+            m.mul_(b1).add_(g32, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
+            g.copy_((m / correction1) / (v.sqrt() / root_correction2 + c.adam_epsilon))
 
     def accumulate(self, batches, scale):
         c = self.config
@@ -254,18 +328,22 @@ class CTRAP(Defense):
             away = None
             if c.project_out_general:  # the general batch's gradient at θ, the direction projected out
                 away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
+            harmful = self.harmful_batches(batches["harmful"])
             # Step 1: harmful gradient at θ (not into p.grad)
-            loss_h = self.lm_loss(batches["harmful"])
+            loss_h = self.lm_loss(harmful[0])
             g_h = self.grads(loss_h)
             if away is not None:
                 logs["harmful_general_cos"] = cosine(g_h, away)
-            direction, step = self.simulated_step(g_h, away)
+            moments = {}  # step_direction=adam: the simulated trajectory's Adam state
+            direction, step = self.simulated_step(g_h, away, moments)
             del g_h
             self.cached_trap = None  # the old cache goes before the new one is built
             # Steps 2-3: collapse gradient at θ' (the direction is freed once applied), then exact restore
             logs["harmful_loss"] = loss_h.item()
             del loss_h
-            logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, scale, away))
+            logs.update(self._trap_first_order(direction, step, harmful, trap_batch, scale, away,
+                                               moments=moments))
+            del moments
             if c.benign_guard:  # reuses the general gradient at θ when the projection took it
                 logs.update(self._benign_guard(batches["general"], retain, scale, g_b=away))
             del away
@@ -306,16 +384,18 @@ class CTRAP(Defense):
         away = None
         if c.project_out_general:
             away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
-        loss_h = self.lm_loss(batches["harmful"])
+        harmful = self.harmful_batches(batches["harmful"])
+        loss_h = self.lm_loss(harmful[0])
         logs["harmful_loss"] = loss_h.item()
         g_h = self.grads(loss_h)
         del loss_h
         if away is not None:
             logs["harmful_general_cos"] = cosine(g_h, away)
-        direction, step = self.simulated_step(g_h, away)
+        moments = {}
+        direction, step = self.simulated_step(g_h, away, moments)
         del g_h
-        logs.update(self._trap_first_order(direction, step, batches["harmful"], trap_batch, 0.0, away,
-                                           apply=False, at_point=at_point))
+        logs.update(self._trap_first_order(direction, step, harmful, trap_batch, 0.0, away,
+                                           apply=False, at_point=at_point, moments=moments))
         logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
@@ -346,7 +426,7 @@ class CTRAP(Defense):
         return align_loss + gap.mean().item()
 
     def _trap_first_order(self, direction: list, step: float, harmful, trap_batch, scale, away=None,
-                          apply: bool = True, at_point=None) -> dict:
+                          apply: bool = True, at_point=None, moments: Optional[dict] = None) -> dict:
         """Steps 2-3 for the K = trap_steps points θ_1..θ_K; returns the losses to log.
 
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
@@ -355,16 +435,18 @@ class CTRAP(Defense):
         (amortized mode) into the cache, which so holds λ times the mean over the K points.
         `away` (project_out_general) is projected out of every harmful gradient. `apply=False`
         (the held-out probe) only measures the collapse losses: no collapse gradient is taken;
-        `at_point()`, if given, is called at θ_K and its values returned as point/<key>."""
+        `at_point()`, if given, is called at θ_K and its values returned as point/<key>.
+        `moments` (step_direction=adam) is the trajectory's Adam state after its first step.
+        `harmful` is the list of the K steps' harmful batches (harmful_batches)."""
         c = self.config
         K = c.trap_steps
         collapse_losses, harmful_losses = [], []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
-                if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the same harmful batch
-                    loss_h = self.lm_loss(harmful)
+                if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the k-th step's harmful batch
+                    loss_h = self.lm_loss(harmful[k - 1])
                     harmful_losses.append(loss_h.item())
-                    direction, step = self.simulated_step(self.grads(loss_h), away)  # all-reduced like g_h
+                    direction, step = self.simulated_step(self.grads(loss_h), away, moments)  # all-reduced like g_h
                     del loss_h
                     self._step_further(direction, step)
                 with torch.set_grad_enabled(apply and torch.is_grad_enabled()):
