@@ -48,7 +48,7 @@ above, operation for operation.
 
 Deviation (off by default): `trap_fresh_batches=true` (with trap_steps = K > 1) gives each simulated
 step its own harmful batch, as a real attacker draws a new batch at each step: the harmful stream
-then draws K·harmful_batch_size examples per micro-step, split in K equal parts (torch.tensor_split:
+then draws K·harmful_batch_size examples per micro-step, split in K parts (torch.tensor_split, equal when K divides it;
 the held-out monitor's batch too), g_k taken on the k-th. The passes are unchanged; each harmful
 pass sees harmful_batch_size examples as before.
 
