@@ -457,7 +457,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
     assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
-        "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches"}
+        "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -707,6 +707,82 @@ def test_benign_guard_in_the_amortized_cache():
         torch.testing.assert_close(p.grad, a + c, rtol=1e-5, atol=1e-8)
 
 
+LABELS = [Record(prompt=f"Sentiment of: a film with {i} great scenes", response="positive") for i in range(2)]
+
+
+@pytest.mark.parametrize("project_out_general", [False, True])
+def test_benign_guard_task_steps_along_the_task_batch(project_out_general):
+    """benign_guard_task: the guard's simulated benign step is taken on the task batch ("guard"
+    stream), not the general batch; the projection (if on) still uses the general batch, and the
+    guard then needs its own gradient pass."""
+    model, tok = _model()
+    b = _batches(tok)
+    b["guard"] = collate([encode_record(r, tok, "alpaca", 64, "response") for r in LABELS], tok.pad_token_id)
+    alpha, lam, mu, scale = 0.5, 0.3, 2.0, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, benign_guard=mu, benign_guard_task="sst2",
+                 project_out_general=project_out_general)
+    assert d.streams()["guard"].role == "task" and d.streams()["guard"].task == "sst2"
+    assert d.passes_per_step == 1 + 2 + 2 + int(project_out_general)
+    params = d.params
+    logs, got = _accumulate_restored(d, b, scale)
+
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    away = None
+    if project_out_general:
+        away = _grads(model, params, token_ce(_fwd(model, b["general"]), b["general"]["labels"]))
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, 1, away=away)
+    g_g, guard, _ = _guard_by_hand(model, params, {"general": b["guard"]}, retain, alpha)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [scale * (a + lam * c + mu * g) for a, c, g in zip(g_a, g_c[0], g_g)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    assert logs["guard_loss"] == pytest.approx(guard, rel=1e-5)
+    # and it is not the guard along the general batch
+    _, on_general, _ = _guard_by_hand(model, params, b, retain, alpha)
+    assert abs(on_general - guard) > 1e-4 * abs(guard)
+
+
+def test_benign_guard_task_stream_reads_the_tasks_train_split():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2, max_length=160,
+                  per_device_train_batch_size=2, **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": "ag_news"})
+    cfg, dcfg, resolved = pipeline.align_config(values)
+    assert resolved["ctrap"]["benign_guard_task"] == "ag_news"
+    tok = load_model("tiny-llama").tokenizer
+    d = CTRAP(dcfg, batch_size=2)
+    streams = pipeline.build_align_streams(d, cfg, tok)
+    records = pipeline.task_records(cfg, "ag_news", train=True)
+    expected = {tuple(encode_record(r, tok, cfg.template, cfg.max_length, "response")["input_ids"]) for r in records}
+    guard = streams["guard"]
+    got = {tuple(e["input_ids"]) for e in guard.examples}
+    assert got == expected and streams["guard"].batch_size == 2
+    general = {tuple(e["input_ids"]) for e in streams["general"].examples}
+    assert not got & general
+    with pytest.raises(ConfigError, match="task 'imdb' is not in data suite"):
+        pipeline.build_align_streams(CTRAP(CTRAPConfig(benign_guard=0.1, benign_guard_task="imdb"), 2), cfg, tok)
+
+
+def test_benign_guard_task_end_to_end_with_the_monitor(tmp_path):
+    """A short alignment with the guard on a task batch and the held-out monitor (which builds
+    the task stream from the test split) logs the guard's values at every step."""
+    import json
+
+    from inoculate import pipeline
+
+    run = pipeline.align(dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2, save_steps=0,
+                              logging_steps=1, per_device_train_batch_size=2, num_samples=8, max_length=160,
+                              lora_r=4, lora_alpha=8.0, monitor_samples=2, monitor_new_tokens=2,
+                              **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": "sst2"}),
+                         tmp_path / "run", progress=False)
+    rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+    trained = [r for r in rows if r["step"] > 0]
+    assert len(trained) == 2 and all(math.isfinite(r["guard_loss"]) and math.isfinite(r["collapse_loss_benign"])
+                                     for r in trained)
+    assert all("monitor/ctrap/trap_gap" in r for r in rows)
+
+
 @pytest.mark.parametrize("value", [-0.1, "1", True])
 def test_bad_benign_guard_is_rejected(value):
     from inoculate.config import ConfigError
@@ -715,6 +791,10 @@ def test_bad_benign_guard_is_rejected(value):
         CTRAPConfig(benign_guard=value)
     with pytest.raises(ConfigError, match="second_order and benign_guard"):
         CTRAPConfig(benign_guard=1.0, second_order=True)
+    with pytest.raises(ConfigError, match="benign_guard_task='sst2' needs benign_guard > 0"):
+        CTRAPConfig(benign_guard_task="sst2")
+    with pytest.raises(ConfigError, match="benign_guard_task must be a task name"):
+        CTRAPConfig(benign_guard=1.0, benign_guard_task=3)
 
 
 # ---------------------------------------------------------------------------------------------

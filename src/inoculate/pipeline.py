@@ -387,14 +387,19 @@ def build_align_streams(defense, cfg: AlignConfig, tok, rank=0, world=1) -> dict
                                   f"records without a refusal (e.g. {missing[0]!r}); alignment needs refusals")
         if spec.role == "general" and general is None:
             general = general_records(cfg, _suite(cfg).general_train_split, limit=cfg.num_general_samples)
-        streams[name] = Stream(name, _role_examples(defense, spec.role, harmful, general, tok, cfg),
+        task = task_records(cfg, spec.task, train=True, limit=cfg.num_general_samples) \
+            if spec.role == "task" else None
+        streams[name] = Stream(name, _role_examples(defense, spec.role, harmful, general, tok, cfg, task),
                                spec.batch_size, tok.pad_token_id, cfg.seed,
                                paired=spec.role == "paired", rank=rank, world_size=world)
     return streams
 
 
-def _role_examples(defense, role: str, harmful, general, tok, cfg) -> list:
-    """The encoded examples of a stream role (StreamSpec) from harmful and general records."""
+def _role_examples(defense, role: str, harmful, general, tok, cfg, task=None) -> list:
+    """The encoded examples of a stream role (StreamSpec) from harmful, general and (role
+    "task") the task's records."""
+    if role == "task":
+        return _encode(task, tok, cfg, "response")
     if role == "align":
         return _encode(harmful, tok, cfg, "refusal")
     if role == "harmful":
@@ -731,7 +736,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     the last N general test examples (evaluation reads the first ones), the losses of
     `_loss_monitor` and general_loss; the greedy answers' (monitor_new_tokens) collapse-token
     share and keyword degenerate / refusal rates, as evaluation counts them; and the defense's
-    own `probe` on held-out batches built like its training streams, under the training's
+    own `probe` on held-out batches built like its training streams (a "task" stream from the
+    task's last N test examples), under the training's
     autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
     values again at the point its simulated attack reaches (ctrap/point/collapse_token_share)."""
     suite = _suite(cfg)
@@ -750,7 +756,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
             raise ConfigError(f"monitor_samples: held-out harmful records of split "
                               f"{suite.harmful_test_split!r} lack refusals, which {defense.name}'s "
                               f"{name!r} stream needs")
-        examples = _role_examples(defense, spec.role, harmful, general, tok, cfg)
+        task = task_records(cfg, spec.task, train=False, last=n) if spec.role == "task" else None
+        examples = _role_examples(defense, spec.role, harmful, general, tok, cfg, task)
         # one batch of all of them, collated as the training stream collates
         batches[name] = to_device(Stream(name, examples, len(examples), tok.pad_token_id, 0,
                                          paired=spec.role == "paired").next(), device)

@@ -33,15 +33,19 @@ class StreamSpec:
 
     role:       which data: "align" (harmful prompt -> refusal), "harmful" (harmful prompt ->
                 harmful answer), "general" (benign instruction -> answer), "paired" (the same
-                harmful prompts answered harmfully and with a refusal, with answer masks).
+                harmful prompts answered harmfully and with a refusal, with answer masks),
+                "task" (a benign fine-tuning task of the data suite, named by `task`: its train
+                split's inputs -> answers, e.g. SST-2 sentences -> labels).
     batch_size: examples per micro-batch.
+    task:       the task of role "task" (a key of the data suite's tasks: sst2, ag_news, gsm8k).
     """
 
     role: str
     batch_size: int
+    task: Optional[str] = None
 
 
-STREAM_ROLES = ("align", "harmful", "general", "paired")
+STREAM_ROLES = ("align", "harmful", "general", "paired", "task")
 
 
 @dataclass

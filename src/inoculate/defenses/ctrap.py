@@ -58,7 +58,10 @@ gradient of the general batch, and μ·CE(θ_b; retain batch, its own labels): t
 step away must still refuse and answer, so the trap is asked not to catch a benign fine-tuning
 (first order: the gradient at θ_b is applied at θ). On SmolLM2 benign and harmful gradients had
 cosine 0.3-0.5 at the aligned model and a benign fine-tuning fell into the sign trap
-(docs/methods/ctrap-smollm2.md, round 5). 2 more passes per refresh.
+(docs/methods/ctrap-smollm2.md, round 5). 2 more passes per refresh. With
+`benign_guard_task=TASK` (sst2 | ag_news | gsm8k) ĝ_b is the gradient of a batch of that benign
+task's train split instead (the general batch's size): a label task, like those customers
+fine-tune on, whose first step may differ from a dialogue batch's.
 
 Deviation (off by default): `project_out_general=true` builds the trap along the part of the
 harmful gradient a benign fine-tuning does not share: before every simulated step (and before
@@ -66,13 +69,14 @@ the sign, with step_direction=sign) the harmful gradient loses its component alo
 batch's gradient g_b, taken once at θ: g_h ← g_h − (g_h·g_b/‖g_b‖²)·g_b. A benign step along g_b
 then has no first-order component along the trapped direction, while a harmful step along g_h
 keeps √(1 − cos²) of its length on it. Logs `harmful_general_cos`, cos(g_h, g_b) at θ (the
-round-5 probe's number, during training). 1 more pass per refresh (none with benign_guard, which
-then takes g_b from it).
+round-5 probe's number, during training). 1 more pass per refresh (none with benign_guard on the
+general batch, which then takes g_b from it).
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
-project_out_general 1 (none more with benign_guard, whose general-gradient pass it shares);
+project_out_general 1 (none more with benign_guard on the general batch, whose
+general-gradient pass it shares);
 amortized, 1 + (2K [+ 2 | + 1])/k on average.
 """
 from __future__ import annotations
@@ -131,9 +135,15 @@ class CTRAPConfig(DefenseConfig):
 
     benign_guard: float = doc(0.0, "μ, DEVIATION from the paper/official code (0 = theirs): weight of a "
                                    "selectivity term, the retain-batch CE after one simulated benign step "
-                                   "θ − α·ĝ_general of the same kind (step_direction) and length as the "
+                                   "θ − α·ĝ_general (or of benign_guard_task's batch) of the same kind "
+                                   "(step_direction) and length as the "
                                    "harmful one, so that a benign fine-tuning does not fall into the trap; "
                                    "2 more passes per refresh; not with second_order")
+    benign_guard_task: str = doc("", "DEVIATION (with benign_guard > 0; '' = the general batch): the "
+                                     "guard's simulated benign step is taken on a batch of this benign "
+                                     "task of the data suite (sst2 | ag_news | gsm8k, its train split), "
+                                     "a label task like those customers fine-tune on, instead of the "
+                                     "general batch; the batch size is the general batch's")
     project_out_general: bool = doc(False, "DEVIATION from the paper/official code (false = theirs): remove "
                                            "from the harmful gradient its component along the general "
                                            "batch's gradient before each simulated step, so the trap guards "
@@ -143,7 +153,8 @@ class CTRAPConfig(DefenseConfig):
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
     later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general",
-                                     "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches")
+                                     "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
+                                     "benign_guard_task")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -181,6 +192,11 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.benign_guard must be a number >= 0, got {self.benign_guard!r}")
         if self.second_order and self.benign_guard:
             raise ConfigError("ctrap.second_order and benign_guard do not combine (the guard is first order)")
+        if not isinstance(self.benign_guard_task, str):
+            raise ConfigError(f"ctrap.benign_guard_task must be a task name, got {self.benign_guard_task!r}")
+        if self.benign_guard_task and not self.benign_guard:
+            raise ConfigError(f"ctrap.benign_guard_task={self.benign_guard_task!r} needs benign_guard > 0 "
+                              "(the guard's weight μ); it is 0")
         if not isinstance(self.project_out_general, bool):
             raise ConfigError(f"ctrap.project_out_general must be true or false, got {self.project_out_general!r}")
         if self.second_order and self.project_out_general:
@@ -223,8 +239,11 @@ class CTRAP(Defense):
 
     def __init__(self, config: CTRAPConfig, batch_size: int):
         super().__init__(config, batch_size)
-        # the guard's general-gradient pass is the projection's when both are on
-        refresh = 2 * config.trap_steps + (2 if config.benign_guard else int(config.project_out_general))
+        # the guard's general-gradient pass is the projection's when both are on (and the guard
+        # steps along the general batch)
+        refresh = 2 * config.trap_steps + int(config.project_out_general)
+        if config.benign_guard:
+            refresh += 1 if config.project_out_general and not config.benign_guard_task else 2
         if config.trap_every > 1:
             self.passes_per_step = 1 + refresh / config.trap_every  # mean over k micro-steps
         elif refresh != 2:
@@ -232,11 +251,14 @@ class CTRAP(Defense):
 
     def streams(self):
         c = self.config
-        return {
+        streams = {
             "align": StreamSpec("align", self.batch_size),
             "general": StreamSpec("general", c.general_batch_size or self.batch_size),
             "harmful": StreamSpec("harmful", c.harmful_batch_size * (c.trap_steps if c.trap_fresh_batches else 1)),
         }
+        if c.benign_guard_task:
+            streams["guard"] = StreamSpec("task", c.general_batch_size or self.batch_size, task=c.benign_guard_task)
+        return streams
 
     def harmful_batches(self, batch: dict) -> list:
         """The harmful batch of each of the K simulated steps: the same batch K times, or with
@@ -344,7 +366,9 @@ class CTRAP(Defense):
             logs.update(self._trap_first_order(direction, step, harmful, trap_batch, scale, away,
                                                moments=moments))
             del moments
-            if c.benign_guard:  # reuses the general gradient at θ when the projection took it
+            if c.benign_guard and c.benign_guard_task:
+                logs.update(self._benign_guard(batches["guard"], retain, scale))
+            elif c.benign_guard:  # reuses the general gradient at θ when the projection took it
                 logs.update(self._benign_guard(batches["general"], retain, scale, g_b=away))
             del away
         if c.trap_every > 1 and not c.second_order:
@@ -470,16 +494,17 @@ class CTRAP(Defense):
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
         return logs
 
-    def _benign_guard(self, general, retain, scale, g_b: Optional[list] = None) -> dict:
+    def _benign_guard(self, benign, retain, scale, g_b: Optional[list] = None) -> dict:
         """The selectivity term (benign_guard = μ > 0): μ·CE(θ_b; retain batch), θ_b = θ − α·ĝ_b one
-        simulated step along the general batch's gradient (or its sign), first order like the trap
+        simulated step along the benign batch's gradient (the general batch, or with
+        benign_guard_task the task's; or its sign / Adam direction), first order like the trap
         term; into p.grad, or (amortized mode) into the cached trap gradient. Logs the term and, as
         a monitor of selectivity, the collapse loss at θ_b (it should stay high). `g_b`, the general
         batch's gradient at θ if already taken (project_out_general), saves its pass; it is
         consumed (turned into the step's direction in place)."""
         c = self.config
         if g_b is None:
-            g_b = self.grads(self.lm_loss(general))
+            g_b = self.grads(self.lm_loss(benign))
         direction, step = self.simulated_step(g_b)
         del g_b
         with self.moved(direction, step, release=True):
