@@ -45,8 +45,6 @@ class StreamSpec:
     task: Optional[str] = None
 
 
-STREAM_ROLES = ("align", "harmful", "general", "paired", "task")
-
 
 @dataclass
 class DefenseConfig:
