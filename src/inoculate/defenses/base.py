@@ -45,7 +45,6 @@ class StreamSpec:
     task: Optional[str] = None
 
 
-
 @dataclass
 class DefenseConfig:
     """Base of every defense's config (fields are added by subclasses)."""
