@@ -742,19 +742,29 @@ def test_benign_guard_task_steps_along_the_task_batch(project_out_general):
     assert abs(on_general - guard) > 1e-4 * abs(guard)
 
 
-def test_benign_guard_task_stream_reads_the_tasks_train_split():
+@pytest.mark.parametrize("tasks", ["ag_news", "ag_news, gsm8k"])
+def test_benign_guard_task_stream_reads_the_tasks_train_split(tasks):
+    """One task's train split, or (comma-separated) every named task's, in one stream."""
     from inoculate import pipeline
     from inoculate.config import ConfigError
 
     values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2, max_length=160,
-                  per_device_train_batch_size=2, **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": "ag_news"})
+                  per_device_train_batch_size=2, **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": tasks})
     cfg, dcfg, resolved = pipeline.align_config(values)
-    assert resolved["ctrap"]["benign_guard_task"] == "ag_news"
+    assert resolved["ctrap"]["benign_guard_task"] == tasks
     tok = load_model("tiny-llama").tokenizer
     d = CTRAP(dcfg, batch_size=2)
     streams = pipeline.build_align_streams(d, cfg, tok)
-    records = pipeline.task_records(cfg, "ag_news", train=True)
-    expected = {tuple(encode_record(r, tok, cfg.template, cfg.max_length, "response")["input_ids"]) for r in records}
+    expected = set()
+    for task in ("ag_news", "gsm8k"):
+        records = pipeline.task_records(cfg, task, train=True, limit=cfg.num_general_samples)
+        encoded = {tuple(encode_record(r, tok, cfg.template, cfg.max_length, "response")["input_ids"])
+                   for r in records}
+        assert encoded
+        if task in tasks:
+            expected |= encoded
+        else:
+            assert not encoded & {tuple(e["input_ids"]) for e in streams["guard"].examples}
     guard = streams["guard"]
     got = {tuple(e["input_ids"]) for e in guard.examples}
     assert got == expected and streams["guard"].batch_size == 2
@@ -765,8 +775,8 @@ def test_benign_guard_task_stream_reads_the_tasks_train_split():
 
 
 def test_benign_guard_task_end_to_end_with_the_monitor(tmp_path):
-    """A short alignment with the guard on a task batch and the held-out monitor (which builds
-    the task stream from the test split) logs the guard's values at every step."""
+    """A short alignment with the guard on a batch of two tasks and the held-out monitor (which
+    builds the task stream from their test splits) logs the guard's values at every step."""
     import json
 
     from inoculate import pipeline
@@ -774,7 +784,7 @@ def test_benign_guard_task_end_to_end_with_the_monitor(tmp_path):
     run = pipeline.align(dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2, save_steps=0,
                               logging_steps=1, per_device_train_batch_size=2, num_samples=8, max_length=160,
                               lora_r=4, lora_alpha=8.0, monitor_samples=2, monitor_new_tokens=2,
-                              **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": "sst2"}),
+                              **{"ctrap.benign_guard": "0.1", "ctrap.benign_guard_task": "sst2,gsm8k"}),
                          tmp_path / "run", progress=False)
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
     trained = [r for r in rows if r["step"] > 0]
@@ -793,8 +803,9 @@ def test_bad_benign_guard_is_rejected(value):
         CTRAPConfig(benign_guard=1.0, second_order=True)
     with pytest.raises(ConfigError, match="benign_guard_task='sst2' needs benign_guard > 0"):
         CTRAPConfig(benign_guard_task="sst2")
-    with pytest.raises(ConfigError, match="benign_guard_task must be a task name"):
-        CTRAPConfig(benign_guard=1.0, benign_guard_task=3)
+    for bad in (3, "ag_news,", "sst2,,gsm8k"):
+        with pytest.raises(ConfigError, match="benign_guard_task must be a task name"):
+            CTRAPConfig(benign_guard=1.0, benign_guard_task=bad)
 
 
 # ---------------------------------------------------------------------------------------------

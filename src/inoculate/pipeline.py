@@ -366,6 +366,13 @@ def task_records(cfg, task: str, train: bool, limit=None, last=None) -> list[Rec
     return _records(source, train_split if train else test_split, cfg.data_dir, limit, last)
 
 
+def stream_task_records(cfg, tasks: str, train: bool, limit=None, last=None) -> list[Record]:
+    """The records of a "task" stream (StreamSpec.task): one task's, or for several
+    comma-separated tasks ("ag_news,gsm8k") each task's records (each with its own limit / last)
+    one after the other, a mixture the stream then shuffles."""
+    return [r for task in tasks.split(",") for r in task_records(cfg, task.strip(), train, limit, last)]
+
+
 def _encode(records, tok, cfg, target):
     return [encode_record(r, tok, cfg.template, cfg.max_length, target) for r in records]
 
@@ -387,7 +394,7 @@ def build_align_streams(defense, cfg: AlignConfig, tok, rank=0, world=1) -> dict
                                   f"records without a refusal (e.g. {missing[0]!r}); alignment needs refusals")
         if spec.role == "general" and general is None:
             general = general_records(cfg, _suite(cfg).general_train_split, limit=cfg.num_general_samples)
-        task = task_records(cfg, spec.task, train=True, limit=cfg.num_general_samples) \
+        task = stream_task_records(cfg, spec.task, train=True, limit=cfg.num_general_samples) \
             if spec.role == "task" else None
         streams[name] = Stream(name, _role_examples(defense, spec.role, harmful, general, tok, cfg, task),
                                spec.batch_size, tok.pad_token_id, cfg.seed,
@@ -756,7 +763,7 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
             raise ConfigError(f"monitor_samples: held-out harmful records of split "
                               f"{suite.harmful_test_split!r} lack refusals, which {defense.name}'s "
                               f"{name!r} stream needs")
-        task = task_records(cfg, spec.task, train=False, last=n) if spec.role == "task" else None
+        task = stream_task_records(cfg, spec.task, train=False, last=n) if spec.role == "task" else None
         examples = _role_examples(defense, spec.role, harmful, general, tok, cfg, task)
         # one batch of all of them, collated as the training stream collates
         batches[name] = to_device(Stream(name, examples, len(examples), tok.pad_token_id, 0,

@@ -37,7 +37,8 @@ class StreamSpec:
                 "task" (a benign fine-tuning task of the data suite, named by `task`: its train
                 split's inputs -> answers, e.g. SST-2 sentences -> labels).
     batch_size: examples per micro-batch.
-    task:       the task of role "task" (a key of the data suite's tasks: sst2, ag_news, gsm8k).
+    task:       the task of role "task" (a key of the data suite's tasks: sst2, ag_news, gsm8k),
+                or several, comma-separated: the stream then mixes their examples.
     """
 
     role: str

@@ -61,7 +61,9 @@ cosine 0.3-0.5 at the aligned model and a benign fine-tuning fell into the sign 
 (docs/methods/ctrap-smollm2.md, round 5). 2 more passes per refresh. With
 `benign_guard_task=TASK` (sst2 | ag_news | gsm8k) ĝ_b is the gradient of a batch of that benign
 task's train split instead (the general batch's size): a label task, like those customers
-fine-tune on, whose first step may differ from a dialogue batch's.
+fine-tune on, whose first step may differ from a dialogue batch's. Several tasks, comma-separated
+(`ag_news,gsm8k`), make one stream of all their examples, shuffled together: each guard batch is
+a mixture, so the benign step the trap is asked to spare is not one task's.
 
 Deviation (off by default): `project_out_general=true` builds the trap along the part of the
 harmful gradient a benign fine-tuning does not share: before every simulated step (and before
@@ -143,7 +145,8 @@ class CTRAPConfig(DefenseConfig):
                                      "guard's simulated benign step is taken on a batch of this benign "
                                      "task of the data suite (sst2 | ag_news | gsm8k, its train split), "
                                      "a label task like those customers fine-tune on, instead of the "
-                                     "general batch; the batch size is the general batch's")
+                                     "general batch; several comma-separated (ag_news,gsm8k) mix their "
+                                     "examples in one stream; the batch size is the general batch's")
     project_out_general: bool = doc(False, "DEVIATION from the paper/official code (false = theirs): remove "
                                            "from the harmful gradient its component along the general "
                                            "batch's gradient before each simulated step, so the trap guards "
@@ -192,8 +195,10 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.benign_guard must be a number >= 0, got {self.benign_guard!r}")
         if self.second_order and self.benign_guard:
             raise ConfigError("ctrap.second_order and benign_guard do not combine (the guard is first order)")
-        if not isinstance(self.benign_guard_task, str):
-            raise ConfigError(f"ctrap.benign_guard_task must be a task name, got {self.benign_guard_task!r}")
+        if not isinstance(self.benign_guard_task, str) or (
+                self.benign_guard_task and not all(t.strip() for t in self.benign_guard_task.split(","))):
+            raise ConfigError(f"ctrap.benign_guard_task must be a task name, or several separated by commas, "
+                              f"got {self.benign_guard_task!r}")
         if self.benign_guard_task and not self.benign_guard:
             raise ConfigError(f"ctrap.benign_guard_task={self.benign_guard_task!r} needs benign_guard > 0 "
                               "(the guard's weight μ); it is 0")
