@@ -127,6 +127,22 @@ def test_lora_on_gpt2_falls_back_to_c_attn(tiny):
     assert wrapped(input_ids=ids).logits.shape[:2] == ids.shape
 
 
+def test_lora_on_phi3_targets_its_fused_qkv_projection(tiny):
+    """Phi-3 computes q, k and v in one `qkv_proj`, and peft's table has no entry for it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        pad_token_id=tiny.tokenizer.pad_token_id)
+    model = Phi3ForCausalLM(config)
+    assert default_lora_targets(model) == ["qkv_proj"]
+    wrapped = add_lora(model, r=2, alpha=4, dropout=0.0)
+    assert adapted_modules(wrapped) == {"qkv_proj"}
+    ids = torch.tensor([tiny.tokenizer("Hello there, how are you?")["input_ids"]])
+    assert wrapped(input_ids=ids).logits.shape[:2] == ids.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving and loading back
 # ---------------------------------------------------------------------------------------------

@@ -276,15 +276,22 @@ def _base_location(base: str, model_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
+#: one projection that computes query, key and value together: Phi-3 / Phi-4-mini, GPT-NeoX,
+#: Falcon and Bloom, GPT-2, MPT, Baichuan
+_FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
     """The attention query/key/value projections (the Huang-group default), found from the
-    module names; other architectures fall back to peft's per-architecture table."""
+    module names: separate q/k/v projections, or else a fused one (qkv_proj, query_key_value,
+    ...); other architectures fall back to peft's per-architecture table."""
     linear_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
                     if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
     if all(n in linear_names for n in _ATTENTION_QKV):
         return list(_ATTENTION_QKV)
+    fused = [n for n in _FUSED_QKV if n in linear_names]
+    if len(fused) == 1:
+        return fused
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
