@@ -495,7 +495,7 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
         state_dict = gathered_state_dict(model, trainable_only=cfg.lora, keep=rank == 0)
     if rank == 0:
         save_model(model, tok, out / "model", base=_base_for_save(cfg.model), state_dict=state_dict)
-        runs.finish(out, resolved, steps=result.steps, seconds=result.seconds,
+        runs.finish(out, resolved, steps=result.steps, seconds=result.seconds, processes=world,
                     resumed_from=result.resumed_from, final_logs=result.last_logs,
                     **({"selected": result.selected} if result.selected else {}))
         from .training import remove_checkpoint

@@ -257,6 +257,19 @@ def average_across_processes(tensors: Sequence[torch.Tensor]) -> None:
         t.div_(world)
 
 
+def sum_across_processes(value: torch.Tensor) -> torch.Tensor:
+    """A scalar summed over the processes of the run (all-reduce SUM; a copy), or `value`
+    itself in one process. For sums over examples that each process holds a share of, such as
+    Vaccine's activation gradients (parameter-sized sums use `global_norm` / `dot`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all tensors together (fp32); over all shards when they are FSDP-sharded."""
     return torch.sqrt(sum_over_shards(sum((local(t).detach().float() ** 2).sum() for t in tensors),

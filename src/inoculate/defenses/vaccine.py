@@ -14,7 +14,7 @@ import torch
 
 from ..config import doc
 from ._layers import attention_modules, first_tensor, replace_first
-from .base import Defense, DefenseConfig, StreamSpec, global_norm, register_defense
+from .base import Defense, DefenseConfig, StreamSpec, global_norm, register_defense, sum_across_processes
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Vaccine(Defense):
             by :func:`attention_modules`, no class names) that keep its output tensor a_l;
             backpropagate the alignment CE to those outputs only: g_l = dL/da_l (no parameter
             gradient is formed in this pass).
-    Step 2: ‖g‖ = sqrt(Σ_l ‖g_l‖²), the global norm over all layers (fp32).
+    Step 2: ‖g‖ = sqrt(Σ_l ‖g_l‖²), the global norm over all layers (fp32), and with several
+            processes over all of their examples (the global batch's norm).
     Step 3: δ_l = ρ·g_l/(‖g‖ + eps), the loss-increasing perturbation of radius ρ.
     Step 4: forward again with hooks that return a_l + δ_l (δ_l is a constant: no gradient
             flows through it), backpropagate the perturbed CE to the parameters; that gradient,
@@ -88,7 +89,12 @@ class Vaccine(Defense):
 
     # Steps 2-3 ------------------------------------------------------------------------------------
     def perturbations(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
-        norm = global_norm(grads)
+        """δ_l = ρ·g_l/(‖g‖ + eps). With several processes each holds the gradients of its own
+        examples, and ‖g‖ is taken over all of them (the squared norms summed across processes):
+        then every example gets the perturbation one process with the whole batch would give it
+        (that process's loss is the mean of the processes' losses, so its g_l are theirs divided
+        by the number of processes, and the factor cancels in g_l/‖g‖)."""
+        norm = sum_across_processes(global_norm(grads) ** 2).sqrt()
         return [(self.config.rho * g.float() / (norm + self.config.eps)).detach() for g in grads]
 
     # Step 4 ---------------------------------------------------------------------------------------
