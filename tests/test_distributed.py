@@ -135,14 +135,15 @@ def _free_port() -> int:
 def _same_update_on_two_processes(tmp_path, method, options, fsdp, rel=None):
     """rel=None: elementwise within rtol=1e-4, atol=1e-7 (see the FSDP test for why); else the
     difference's norm within rel times the update's norm."""
-    _same_updates_on_two_processes(tmp_path, [(method, options, fsdp)], rel)
+    _same_updates_across_processes(tmp_path, [(method, options, fsdp)], rel)
 
 
-def _same_updates_on_two_processes(tmp_path, jobs, rel=None, world=2):
+def _same_updates_across_processes(tmp_path, jobs, rel=None, world=2):
     """_same_update_on_two_processes for several (method, options, fsdp[, train_args]) jobs, run
     one after the other in one group of `world` processes (a spawn costs more than a tiny
     step); each against 1 process with the same global batch and train_args."""
     load_model("tiny-llama")  # build the cached tiny model once, before the workers race for it
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out_file = str(tmp_path / "two.pt")
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), out_file, jobs), nprocs=world, join=True)
     for i, (two, (method, options, fsdp, *train_args)) in enumerate(zip(torch.load(out_file), jobs)):
@@ -204,7 +205,7 @@ def test_every_other_defense_on_two_processes_equals_one_process(tmp_path):
     normalized by the norm of the global batch's attention-output gradient (over both processes'
     examples), TAR's adversary steps along the global harmful gradient and takes its tamper
     gradients there, NPO's reference pass runs on the sharded model with the adapter off."""
-    _same_updates_on_two_processes(tmp_path, OTHERS)
+    _same_updates_across_processes(tmp_path, OTHERS)
 
 
 @pytest.mark.slow
@@ -215,8 +216,8 @@ def test_fsdp_with_accumulation_checkpointing_and_four_processes(tmp_path):
     same accumulation (2 SGD steps: SGD, unlike Adam's first step, passes a wrong gradient
     scale on to the update)."""
     accumulated = {"gradient_accumulation_steps": 2, "gradient_checkpointing": True, "max_steps": 2}
-    _same_updates_on_two_processes(tmp_path / "two", [("ctrap", {}, True, accumulated)])
-    _same_updates_on_two_processes(tmp_path / "four", [("ctrap", {}, True)], world=4)
+    _same_updates_across_processes(tmp_path / "two", [("ctrap", {}, True, accumulated)])
+    _same_updates_across_processes(tmp_path / "four", [("ctrap", {}, True)], world=4)
 
 
 CLIP = 0.4  # below the gradient norm of both steps (about 0.51 and 0.53), so clipping acts
