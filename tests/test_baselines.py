@@ -208,6 +208,38 @@ def test_logit_lens_ce_matches_hand_loop(llama):
     torch.testing.assert_close(logit_lens_ce(llama, short, b["labels"]), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_logit_lens_is_checkpointed_with_activation_checkpointing(llama, lora):
+    """With gradient checkpointing on, each depth's head and CE keep only their rows for backward
+    (the targets x vocabulary logits are recomputed): the same S and the same gradients (the head
+    and norm weights' too, full-parameter), and a fraction of the bytes saved for backward."""
+    from inoculate.defenses._layers import logit_lens_sum
+
+    b = _batch(3, 0)
+
+    def lens(checkpointed):
+        model = _model(llama, lora=lora)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            s, _ = logit_lens_sum(model, out, b["labels"])
+        return s, _grad(s, _params(model)), sum(saved)
+
+    s_plain, g_plain, bytes_plain = lens(False)
+    s_ckpt, g_ckpt, bytes_ckpt = lens(True)
+    torch.testing.assert_close(s_ckpt, s_plain, rtol=0, atol=0)
+    _assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-7)
+    targets = int((b["labels"][:, 1:] != -100).sum())
+    depth_logits = targets * llama.config.vocab_size * 4  # one depth's targets x vocabulary, fp32
+    # plain: the 3 hidden states' head outputs and log-softmaxes (measured: 12.7 and 18.1 units,
+    # LoRA and full); checkpointed: only the final logits' CE, on the model's own logits (2.0)
+    assert bytes_plain >= 2 * 3 * depth_logits
+    assert bytes_ckpt <= 2.1 * depth_logits
+
+
 # ---------------------------------------------------------------------------------------------
 # Vaccine
 # ---------------------------------------------------------------------------------------------

@@ -214,9 +214,11 @@ def test_fsdp_with_accumulation_checkpointing_and_four_processes(tmp_path):
     checkpointing (recomputed forwards at the moved point θ' too), and over 4 processes (one
     example each), gives the update of 1 unsharded process with the same global batch and the
     same accumulation (2 SGD steps: SGD, unlike Adam's first step, passes a wrong gradient
-    scale on to the update)."""
+    scale on to the update). So does RepNoise (linearized) with its logit lens checkpointed
+    depth by depth, the head's weights all-gathered again when backward recomputes it."""
     accumulated = {"gradient_accumulation_steps": 2, "gradient_checkpointing": True, "max_steps": 2}
-    _same_updates_across_processes(tmp_path / "two", [("ctrap", {}, True, accumulated)])
+    _same_updates_across_processes(tmp_path / "two", [("ctrap", {}, True, accumulated),
+                                                      ("repnoise", {"beta": 0.0}, True, accumulated)])
     _same_updates_across_processes(tmp_path / "four", [("ctrap", {}, True)], world=4)
 
 
