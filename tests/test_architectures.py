@@ -1,8 +1,8 @@
-"""Every defense trains on tiny random models of the families users bring (Qwen2, Gemma2 with its
-logit soft-capping and (1 + w) norms, Phi-3 with its fused qkv_proj, GPT-NeoX and Falcon with
-their fused query_key_value and parallel residual), LoRA on the default targets and all weights:
-the engine runs, every loss is finite and every trainable parameter moves. The Llama, GPT-2 and
-OPT paths are covered in test_baselines.py, test_ctrap.py and test_seam.py."""
+"""Every defense trains through the engine on tiny random models of the families users bring
+(Llama, the tiny-llama test model; Qwen2; Gemma2 with its logit soft-capping and (1 + w) norms;
+Phi-3 with its fused qkv_proj; GPT-NeoX and Falcon with their fused query_key_value and parallel
+residual), LoRA on the default targets and all weights: the engine runs, every loss is finite and
+every trainable parameter moves. GPT-2's and OPT's layer lookup is in test_baselines.py."""
 import copy
 import math
 import os
@@ -21,6 +21,7 @@ from inoculate.training import Stream, TrainingArgs, train
 PAD = 0
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES = {
+    "llama": lambda v: load_model("tiny-llama").model,
     "qwen2": lambda v: T.Qwen2ForCausalLM(T.Qwen2Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, tie_word_embeddings=True, **SHAPE)),
     "gemma2": lambda v: T.Gemma2ForCausalLM(T.Gemma2Config(

@@ -1,7 +1,8 @@
 """Vaccine, Booster, RepNoise, NPO and TAR on tiny models: each defense's gradient equals a hand
 computation written independently here (Booster also in its amortized mode, and with the move
 direction freed before the pass at the moved point), the generic layer finder works across
-architectures, and every defense trains through the engine with LoRA and full-parameter."""
+architectures. That every defense trains through the engine, LoRA and full-parameter, on the
+tiny Llama and other families is in test_architectures.py."""
 import copy
 import math
 import os
@@ -705,41 +706,3 @@ def test_tar_weights_and_config_checks():
     assert TARConfig().inner_lrs == [2e-6, 2e-5, 4e-5] and BoosterConfig().lam == 5.0
     assert VaccineConfig().rho == 2.0 and RepNoiseConfig().beta == 0.001 and NPOConfig().beta == 0.1
 
-
-# ---------------------------------------------------------------------------------------------
-# Every defense through the engine, LoRA and full-parameter
-# ---------------------------------------------------------------------------------------------
-
-EXTRA = {"tar": dict(inner_steps=2, tamper_every=2, inner_lrs=[1e-3]),
-         "repnoise": dict(beta=0.01)}
-
-
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("name", ["vaccine", "booster", "repnoise", "npo", "tar"])
-def test_trains_through_the_engine(llama, tmp_path, name, lora):
-    from inoculate.training import Stream, TrainingArgs, train
-
-    model = copy.deepcopy(llama)
-    if lora:
-        torch.manual_seed(0)
-        model = add_lora(model, r=4, alpha=8, dropout=0.0)  # B = 0, as a real run starts
-    else:
-        model.requires_grad_(True)
-    cls = get_defense(name)
-    d = cls(cls.config_class(**EXTRA.get(name, {})), batch_size=2)
-    d.setup(model, None)
-    pairs = _examples(8, 20, paired=True)
-    data = {"align": [p["refusal"] for p in pairs], "harmful": [p["harmful"] for p in pairs],
-            "general": _examples(8, 21), "paired": pairs}
-    streams = {k: Stream(k, data[s.role], s.batch_size, PAD, seed=0, paired=s.role == "paired")
-               for k, s in d.streams().items()}
-    named = [(n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
-    # LoRA needs two steps: B starts at zero, so A gets no gradient until B has moved
-    steps = 2 if lora else 1
-    args = TrainingArgs(max_steps=steps, learning_rate=1e-3, weight_decay=0.0, save_steps=0,
-                        logging_steps=1, bf16="false")
-    result = train(model, d, streams, args, tmp_path, main_stream=next(iter(d.streams())), progress=False)
-    assert result.steps == steps and math.isfinite(result.last_logs["loss"])
-    now = dict(model.named_parameters())
-    unchanged = [n for n, p in named if torch.equal(now[n].detach(), p)]
-    assert not unchanged, f"{name}: parameters not trained: {unchanged[:3]}"
