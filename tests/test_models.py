@@ -114,31 +114,28 @@ def test_lora_targets_can_be_overridden(tiny):
     assert adapted_modules(wrapped) == {"q_proj", "o_proj"}
 
 
-def test_lora_on_gpt2_falls_back_to_c_attn(tiny):
+def _gpt2(vocab, pad):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    model = GPT2LMHeadModel(config)
-    assert default_lora_targets(model) == ["c_attn"]
-    wrapped = add_lora(model, r=2, alpha=4, dropout=0.0)
-    assert adapted_modules(wrapped) == {"c_attn"}
-    ids = torch.tensor([tiny.tokenizer("Hello there, how are you?")["input_ids"]])
-    assert wrapped(input_ids=ids).logits.shape[:2] == ids.shape
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2))
 
 
-def test_lora_on_phi3_targets_its_fused_qkv_projection(tiny):
-    """Phi-3 computes q, k and v in one `qkv_proj`, and peft's table has no entry for it."""
+def _phi3(vocab, pad):
     from transformers import Phi3Config, Phi3ForCausalLM
 
+    return Phi3ForCausalLM(Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad))
+
+
+@pytest.mark.parametrize("build,fused", [(_gpt2, "c_attn"), (_phi3, "qkv_proj")], ids=["gpt2", "phi3"])
+def test_lora_targets_a_fused_attention_projection(tiny, build, fused):
+    """GPT-2 (peft's table names c_attn) and Phi-3 (qkv_proj; peft's table has no entry) compute
+    q, k and v in one projection: it is the default target."""
     torch.manual_seed(0)
-    config = Phi3Config(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        pad_token_id=tiny.tokenizer.pad_token_id)
-    model = Phi3ForCausalLM(config)
-    assert default_lora_targets(model) == ["qkv_proj"]
+    model = build(len(tiny.tokenizer), tiny.tokenizer.pad_token_id)
+    assert default_lora_targets(model) == [fused]
     wrapped = add_lora(model, r=2, alpha=4, dropout=0.0)
-    assert adapted_modules(wrapped) == {"qkv_proj"}
+    assert adapted_modules(wrapped) == {fused}
     ids = torch.tensor([tiny.tokenizer("Hello there, how are you?")["input_ids"]])
     assert wrapped(input_ids=ids).logits.shape[:2] == ids.shape
 
