@@ -291,7 +291,7 @@ def logit_lens_sum(model: nn.Module, outputs, labels: torch.Tensor, *,
     Only the rows that predict a target go through the norm and the head (both act per token, so
     the numbers are those of the full sequence). Memory: each depth's targets x vocabulary logits
     are kept for backward, n of them: with a large vocabulary this is most of the step's memory
-    (SmolLM2-135M, 300 answer tokens: about 4.9 GB of its 6.9 GB). When the model trains with
+    (SmolLM2-135M at batch 4: about 4.9 GB of the step's 6.9 GB peak). When the model trains with
     activation checkpointing (`gradient_checkpointing=true`), each depth's head and cross-entropy
     are checkpointed too: only its rows are kept and the logits are recomputed in backward, one
     depth at a time; the values and gradients are the same. ``outputs.logits`` may cover only the
