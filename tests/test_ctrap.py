@@ -944,3 +944,86 @@ def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options)
     for k in keys:
         assert math.isclose(probed[k], trained[k], rel_tol=1e-5, abs_tol=1e-6), k
     assert probed["trap_gap"] != 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the dormancy term (ctrap.dormancy, a deviation)
+
+def _dormancy_by_hand(logits, labels, e, bound):
+    """mean over answer positions of max(0, log p_e − log bound), position by position."""
+    terms = []
+    for i in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[i, t] != -100:  # the token at t is predicted from position t − 1
+                log_p = torch.log_softmax(logits[i, t - 1].float(), dim=-1)[e]
+                terms.append(torch.clamp(log_p - math.log(bound), min=0.0))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_dormancy_term_gradient_matches_the_hinge_by_hand(lora):
+    """With dormancy = ν the gradient is the official step's plus ν·∇D(θ), D the hinge on the
+    collapse token's log-probability at θ over the retain batch's answer positions; the bound is
+    set at the median log-probability so that the hinge is active at about half of them."""
+    model, tok = _model(lora)
+    b = _batches(tok)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    e = _defense(model, tok).token
+    with torch.no_grad():
+        logits = _fwd(model, retain)
+        shift, mask = logits[:, :-1], retain["labels"][:, 1:] != -100
+        log_p = torch.log_softmax(shift[mask].float(), dim=-1)[:, e]
+    middle = log_p.sort().values[len(log_p) // 2 - 1: len(log_p) // 2 + 1]
+    bound = math.exp(float(middle.mean()))  # between two positions: none sits on the hinge's kink
+    active = float((log_p > math.log(bound)).float().mean())
+    assert 0.2 < active < 0.8
+    nu, scale = 3.0, 0.5
+    _, plain = _accumulate_restored(_defense(model, tok, alpha=0.5), b, scale)
+    for p in model.parameters():
+        p.grad = None
+    d = _defense(model, tok, alpha=0.5, dormancy=nu, dormancy_bound=bound)
+    logs, got = _accumulate_restored(d, b, scale)
+    hinge = _dormancy_by_hand(_fwd(model, retain), retain["labels"], e, bound)
+    assert logs["dormancy_loss"] == pytest.approx(hinge.item(), rel=1e-4)
+    g_d = _grads(model, d.params, hinge)
+    assert sum(float(g.abs().sum()) for g in g_d) > 0
+    for x, y, g in zip(got, plain, g_d):
+        torch.testing.assert_close(x, y + scale * nu * g, rtol=1e-4, atol=1e-7)
+    # the held-out probe logs the same value, without gradients
+    for p in d.params:
+        p.grad = None
+    assert d.probe(b)["dormancy_loss"] == pytest.approx(logs["dormancy_loss"], rel=1e-5)
+    assert all(p.grad is None for p in d.params)
+
+
+def test_dormancy_term_is_zero_below_the_bound():
+    """Where the collapse token is less likely than the bound everywhere the term is 0 and the
+    gradient is the official step's, bit for bit."""
+    model, tok = _model()
+    b = _batches(tok)
+    _, plain = _accumulate_restored(_defense(model, tok, alpha=0.5), b)
+    for p in model.parameters():
+        p.grad = None
+    logs, got = _accumulate_restored(_defense(model, tok, alpha=0.5, dormancy=1.0, dormancy_bound=0.5), b)
+    assert logs["dormancy_loss"] == 0.0
+    assert all(torch.equal(x, y) for x, y in zip(got, plain))
+
+
+def test_bad_dormancy_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-1.0, "much", True):
+        with pytest.raises(ConfigError, match="ctrap.dormancy must be"):
+            CTRAPConfig(dormancy=bad)
+    for bad in (0.0, 1.0, 2.0):
+        with pytest.raises(ConfigError, match="dormancy_bound must be a probability"):
+            CTRAPConfig(dormancy=1.0, dormancy_bound=bad)
+    with pytest.raises(ConfigError, match="collapse_target=token"):
+        CTRAPConfig(dormancy=1.0, collapse_target="uniform")
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.dormancy == 0.0 and "dormancy" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.dormancy": "0.5", "ctrap.dormancy_bound": "0.01"})
+    assert (dcfg.dormancy, dcfg.dormancy_bound) == (0.5, 0.01)
+    assert resolved["ctrap"]["dormancy"] == 0.5

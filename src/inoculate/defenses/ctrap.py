@@ -74,6 +74,14 @@ keeps √(1 − cos²) of its length on it. Logs `harmful_general_cos`, cos(g_h,
 round-5 probe's number, during training). 1 more pass per refresh (none with benign_guard on the
 general batch, which then takes g_b from it).
 
+Deviation (off by default): `dormancy=ν > 0` adds ν·mean max(0, log p_e(θ) − log τ) over the
+retain batch's answer positions at θ (τ = dormancy_bound), computed from Step 4's logits: no
+extra pass. The first-order trap gradient, taken at θ' and applied at θ, also raises the collapse
+token at θ, one simulated step away; on SmolLM2 the collapse leaked into θ whenever the trap was
+near enough for an attacker to reach (docs/methods/ctrap-smollm2.md, rounds 1, 4, 10). This term
+pushes the collapse token down at θ wherever it is more likely than τ, so both terms can only be
+met by a model whose collapse token rises along the harmful step, which is the trap.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
@@ -153,11 +161,19 @@ class CTRAPConfig(DefenseConfig):
                                            "the part of the harmful direction a benign fine-tuning does not "
                                            "share; 1 more pass per refresh (shared with benign_guard's); not with second_order")
 
+    dormancy: float = doc(0.0, "ν, DEVIATION from the paper/official code (0 = theirs): weight of a "
+                               "dormancy term at θ, the mean over the retain batch's answer positions "
+                               "of max(0, log p(collapse token) − log dormancy_bound), from the "
+                               "alignment pass's logits (no extra pass), so the collapse the trap term "
+                               "pulls toward θ' is pushed out of θ itself; collapse_target=token only")
+    dormancy_bound: float = doc(1e-3, "τ, the collapse token's probability at θ above which the dormancy "
+                                      "term acts (dormancy > 0)")
+
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
     later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general",
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
-                                     "benign_guard_task")
+                                     "benign_guard_task", "dormancy", "dormancy_bound")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -206,6 +222,15 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.project_out_general must be true or false, got {self.project_out_general!r}")
         if self.second_order and self.project_out_general:
             raise ConfigError("ctrap.second_order and project_out_general do not combine (first order only)")
+        if isinstance(self.dormancy, bool) or not isinstance(self.dormancy, (int, float)) \
+                or not self.dormancy >= 0:
+            raise ConfigError(f"ctrap.dormancy must be a number >= 0, got {self.dormancy!r}")
+        if isinstance(self.dormancy_bound, bool) or not isinstance(self.dormancy_bound, (int, float)) \
+                or not 0 < self.dormancy_bound < 1:
+            raise ConfigError(f"ctrap.dormancy_bound must be a probability in (0, 1), got {self.dormancy_bound!r}")
+        if self.dormancy and self.collapse_target != "token":
+            raise ConfigError(f"ctrap.dormancy is defined for collapse_target=token (a collapse token's "
+                              f"probability at θ); got collapse_target={self.collapse_target!r}")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -235,6 +260,17 @@ def collapse_loss(logits: torch.Tensor, labels: torch.Tensor, target: str, token
     if target == "uniform":
         return -logp.mean(dim=-1).mean()
     return -(logp * distribution.to(logp.device)).sum(dim=-1).mean()
+
+
+def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token: int, bound: float) -> torch.Tensor:
+    """Mean over answer positions (labels != -100) of max(0, log p(token) − log bound): zero where
+    the collapse token's next-token probability is at most `bound`, and a unit push on its
+    log-probability where it is above."""
+    shift = logits[:, :-1, :]
+    mask = labels[:, 1:] != IGNORE_INDEX
+    z = shift[mask].float()
+    log_p = z[:, token] - torch.logsumexp(z, dim=-1)
+    return F.relu(log_p - math.log(bound)).mean()
 
 
 @register_defense("ctrap")
@@ -381,7 +417,13 @@ class CTRAP(Defense):
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
         logits, labels = self.answer_logits(retain)
         loss_a = token_ce(logits, labels)
-        self.backward(loss_a, scale)
+        if c.dormancy:  # the dormancy term, on the same logits at θ
+            loss_d = dormancy_loss(logits, labels, self.token, c.dormancy_bound)
+            self.backward(loss_a + c.dormancy * loss_d, scale)
+            logs["dormancy_loss"] = loss_d.item()
+            del loss_d
+        else:
+            self.backward(loss_a, scale)
         logs["align_loss"] = loss_a.item()
         # Dormancy monitor: the collapse loss at θ itself on the same retain logits. The trap
         # works when this stays high while collapse_loss (at θ') falls.
@@ -409,6 +451,8 @@ class CTRAP(Defense):
             align_loss = token_ce(logits, labels).item()
             logs = {"align_loss": align_loss,
                     "collapse_loss_at_theta": self._collapse_at_theta(logits, labels, align_loss)}
+            if c.dormancy:
+                logs["dormancy_loss"] = dormancy_loss(logits, labels, self.token, c.dormancy_bound).item()
             del logits
         away = None
         if c.project_out_general:
