@@ -457,7 +457,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     assert dcfg.trap_steps == 1 and "trap_steps" not in resolved["ctrap"]
     assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
-        "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task"}
+        "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
+        "dormancy", "dormancy_bound"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
