@@ -458,13 +458,16 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
-        "dormancy", "dormancy_bound"}
+        "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
                                                "ctrap.adam_beta2": "0.99"})
     assert dcfg.adam_beta2 == 0.99 and resolved["ctrap"]["adam_beta2"] == 0.99
     assert "adam_beta1" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "lora", "ctrap.normalize": "false",
+                                               "ctrap.trap_lora_targets": "q_proj,v_proj", "ctrap.trap_lora_r": "8"})
+    assert dcfg.trap_lora_targets == ["q_proj", "v_proj"] and resolved["ctrap"]["trap_lora_r"] == 8
     with pytest.raises(ConfigError, match="trap_steps"):
         pipeline.align_config({**values, "ctrap.trap_steps": "0"})
 
@@ -634,6 +637,101 @@ def test_adam_direction_first_step_is_the_sign_and_normalize_sets_the_length():
     d.simulated_step(g(), moments=moments)
     direction, _ = d.simulated_step([torch.tensor([-3.0, -0.5, 1.0]), torch.tensor([-2e-3])], moments=moments)
     assert moments["t"] == 2 and abs(float(direction[0][0])) < 0.5 and float(direction[0][1]) == pytest.approx(-1.0)
+
+
+# step_direction = lora (a deviation, off by default): the simulated steps are the AdamW iterates
+# of a fresh LoRA adapter, the path of a customer's LoRA fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+def test_peft_draws_lora_a_as_the_lora_trap_does():
+    """The simulated adapter draws A from U(−1/√in, 1/√in), peft's kaiming-uniform (a = √5)."""
+    model, _ = _model(lora=True)
+    a = [p.detach() for n, p in model.named_parameters() if "lora_A" in n]
+    fan_in = a[0].shape[1]
+    values = torch.cat([x.flatten() for x in a])
+    assert float(values.abs().max()) <= 1 / fan_in ** 0.5
+    assert float(values.std()) == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_lora_trap_follows_a_fresh_lora_adapters_adamw_iterates(K):
+    """The K simulated points are the merged weights after K steps of torch.optim.AdamW (no
+    weight decay) on a fresh peft adapter (B = 0, the same A) at lr α on the harmful batch:
+    only the adapted q/k/v weights move, and θ is restored."""
+    import copy
+
+    model, tok = _model(lora=False)
+    b = _batches(tok)
+    lr, r, lora_alpha = 0.05, 4, 8
+    d = _defense(model, tok, alpha=lr, step_direction="lora", normalize=False, trap_steps=K,
+                 trap_lora_r=r, trap_lora_alpha=lora_alpha)
+    seen = d.probe(b, at_point=lambda: {"theta": [p.detach().clone() for p in d.params]})["point/theta"]
+    # the probe's adapter: its A, drawn from the probe's seed (the first step leaves A as drawn)
+    moments = {"seed": (0, -1)}
+    d.simulated_step(d.grads(d.lm_loss(b["harmful"])), moments=moments)
+    attacker = add_lora(copy.deepcopy(model), r=r, alpha=lora_alpha, dropout=0.0)
+    lora_a = [p for n, p in attacker.named_parameters() if "lora_A" in n]
+    assert len(lora_a) == len(moments["A"]) == len(d._lora_sites)
+    with torch.no_grad():
+        for p, a in zip(lora_a, moments["A"]):
+            p.copy_(a)
+    opt = torch.optim.AdamW([p for p in attacker.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    for _ in range(K):
+        opt.zero_grad()
+        token_ce(_fwd(attacker, b["harmful"]), b["harmful"]["labels"]).backward()
+        opt.step()
+    merged = dict(attacker.merge_and_unload().named_parameters())
+    adapted = {i for i, _ in d._lora_sites}
+    moved = 0
+    for i, (name, p, x) in enumerate(zip(d._names, d.params, seen)):
+        if i in adapted:
+            torch.testing.assert_close(x, merged[name], rtol=1e-4, atol=1e-6)
+            moved += not torch.equal(x, p)
+        else:
+            assert torch.equal(x, p), name
+    assert moved == len(adapted)
+
+
+def test_lora_trap_gradient_and_fresh_adapter_per_refresh():
+    """accumulate leaves θ bit-identical, adds λ·∇ℓ_collapse at the LoRA point to g_a, and draws
+    a new adapter at every refresh (two micro-steps, two different points)."""
+    model, tok = _model(lora=False)
+    b = _batches(tok)
+    d = _defense(model, tok, alpha=0.05, lambda_collapse=0.3, step_direction="lora", normalize=False,
+                 trap_lora_r=4, trap_lora_alpha=8)
+    _, first = _accumulate_restored(d, b)
+    for p in d.params:
+        p.grad = None
+    _, second = _accumulate_restored(d, b)
+    assert sum(float((x - y).norm()) for x, y in zip(first, second)) > 1e-6
+    # the first micro-step by hand: its adapter is drawn from (seed 0, micro-step 1)
+    moments = {"seed": (0, 1)}
+    direction, step = d.simulated_step(d.grads(d.lm_loss(b["harmful"])), moments=moments)
+    assert step == 1.0
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    relabelled = torch.where(retain["labels"] != -100, d.token, -100)
+    with d.moved(direction, step):
+        g_c = _grads(model, d.params, token_ce(_fwd(model, retain), relabelled))
+    g_a = _grads(model, d.params, token_ce(_fwd(model, retain), retain["labels"]))
+    for x, a, c in zip(first, g_a, g_c):
+        torch.testing.assert_close(x, a + 0.3 * c, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_trap_needs_full_parameter_alignment_and_its_own_step_length():
+    model, tok = _model(lora=True)
+    with pytest.raises(ValueError, match="full-parameter alignment"):
+        _defense(model, tok, alpha=1e-3, step_direction="lora", normalize=False)
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="normalize: false"):
+        CTRAPConfig(step_direction="lora")
+    with pytest.raises(ConfigError, match="trap_lora_r"):
+        CTRAPConfig(step_direction="lora", normalize=False, trap_lora_r=0)
+    with pytest.raises(ConfigError, match="trap_lora_targets"):
+        CTRAPConfig(step_direction="lora", normalize=False, trap_lora_targets="q_proj")
+    full, tok = _model(lora=False)
+    with pytest.raises(ValueError, match="no Linear layer has that name"):
+        _defense(full, tok, alpha=1e-3, step_direction="lora", normalize=False, trap_lora_targets=["nope"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,6 +222,9 @@ def train(
                               num_warmup_steps=int(args.warmup_ratio * n_steps),
                               num_training_steps=n_steps)
     start = load_checkpoint(run_dir, named, optimizer, scheduler, streams, selection)
+    # micro-steps already taken: amortized look-ahead defenses refresh on this count, and CTRAP's
+    # simulated LoRA attacker draws its adapter from it, so a resumed run continues as it began
+    defense.steps_seen = start * max(1, args.gradient_accumulation_steps)
     if start == 0:
         set_seed(args.seed)
     loggers = _Loggers(run_dir, args.report_to, resume_step=start)

@@ -35,6 +35,11 @@ HF's defaults 0.9/0.999/1e-8): with normalize=false and α = the attacker's lear
 are the first K iterates of torch.optim.AdamW (no weight decay) on the harmful batch. K = 1 is the
 sign step up to ε. The moments are fp32 copies of the trainable parameters, freed after the
 trajectory (2 such copies of memory while the trap runs).
+`step_direction=lora` follows a LoRA attacker instead (full-parameter alignment, normalize=false):
+the K simulated steps are the AdamW iterates, at lr α, of a fresh adapter W + s·B·A on the
+trap_lora_targets weights (s = trap_lora_alpha / trap_lora_r, B = 0, A drawn as peft draws it,
+anew at every refresh), its factors' gradients ∂L/∂B = s·G·Aᵀ and ∂L/∂A = s·Bᵀ·G taken from the
+full weights' gradient G; θ_k moves by s·(B_k·A_k − B_{k−1}·A_{k−1}) on those weights only.
 
 Deviation from the paper and the official code (off by default): `trap_steps=K > 1` simulates K
 normalized harmful steps on the same harmful batch, the harmful gradient recomputed at each point,
@@ -105,7 +110,7 @@ from .base import Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, 
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
-STEP_DIRECTIONS = ("gradient", "sign", "adam")
+STEP_DIRECTIONS = ("gradient", "sign", "adam", "lora")
 
 
 @dataclass
@@ -134,7 +139,19 @@ class CTRAPConfig(DefenseConfig):
                                           "steps into; with normalize, still of length α; not with second_order | "
                                           "adam, DEVIATION: the trap_steps simulated steps are Adam steps "
                                           "(moments carried across them), the first K iterates of an AdamW "
-                                          "attacker at lr α with normalize=false")
+                                          "attacker at lr α with normalize=false | "
+                                          "lora, DEVIATION: the first trap_steps AdamW iterates of a fresh "
+                                          "LoRA adapter (trap_lora_*) at lr α on the harmful batch, the "
+                                          "path of a customer's LoRA fine-tuning; full-parameter alignment "
+                                          "and normalize=false only")
+    trap_lora_r: int = doc(32, "rank of the simulated attacker's fresh LoRA adapter (step_direction=lora; "
+                               "the attack's default lora_r)")
+    trap_lora_alpha: float = doc(4.0, "lora_alpha of the simulated adapter (step_direction=lora; the "
+                                      "attack's default); its scale is trap_lora_alpha / trap_lora_r")
+    trap_lora_targets: Optional[list[str]] = doc(None, "modules the simulated adapter adapts (step_direction=lora); "
+                                                  "default the attack's: the q/k/v projections")
+    trap_lora_seed: int = doc(0, "seed of the simulated adapter's random A factors, drawn anew at every "
+                                 "refresh (step_direction=lora)")
     adam_beta1: float = doc(0.9, "β1 of the simulated Adam steps (step_direction=adam; HF's default)")
     adam_beta2: float = doc(0.999, "β2 of the simulated Adam steps (step_direction=adam; HF's default)")
     adam_epsilon: float = doc(1e-8, "ε of the simulated Adam steps (step_direction=adam; HF's default)")
@@ -173,7 +190,8 @@ class CTRAPConfig(DefenseConfig):
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
     later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general",
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
-                                     "benign_guard_task", "dormancy", "dormancy_bound")
+                                     "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
+                                     "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -198,6 +216,20 @@ class CTRAPConfig(DefenseConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"ctrap.{name} must be a number in [0, 1), got {value!r}")
+        if self.step_direction == "lora":
+            if self.normalize:
+                raise ConfigError("ctrap.step_direction=lora needs normalize: false (α is the simulated "
+                                  "LoRA attacker's learning rate; its steps are not rescaled)")
+            if isinstance(self.trap_lora_r, bool) or not isinstance(self.trap_lora_r, int) or self.trap_lora_r < 1:
+                raise ConfigError(f"ctrap.trap_lora_r must be an integer >= 1, got {self.trap_lora_r!r}")
+            if isinstance(self.trap_lora_alpha, bool) or not isinstance(self.trap_lora_alpha, (int, float)) \
+                    or not self.trap_lora_alpha > 0:
+                raise ConfigError(f"ctrap.trap_lora_alpha must be a number > 0, got {self.trap_lora_alpha!r}")
+            if self.trap_lora_targets is not None and (
+                    isinstance(self.trap_lora_targets, str) or not self.trap_lora_targets
+                    or not all(isinstance(t, str) and t for t in self.trap_lora_targets)):
+                raise ConfigError(f"ctrap.trap_lora_targets must be a list of module names, got "
+                                  f"{self.trap_lora_targets!r}")
         if isinstance(self.adam_epsilon, bool) or not isinstance(self.adam_epsilon, (int, float)) \
                 or not self.adam_epsilon > 0:
             raise ConfigError(f"ctrap.adam_epsilon must be a number > 0, got {self.adam_epsilon!r}")
@@ -330,6 +362,38 @@ class CTRAP(Defense):
             self.target_entropy = float(-(self.distribution * self.distribution.log()).sum())
         self.cached_trap: Optional[list] = None
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if c.step_direction == "lora":
+            self._lora_sites = self._find_lora_sites(model)
+
+    def _find_lora_sites(self, model) -> list:
+        """(index in self.params, transposed) of every weight the simulated LoRA adapter adapts:
+        the trainable weight of each Linear (or GPT-2 Conv1D, stored transposed) whose name ends
+        in one of trap_lora_targets (default: the attack's, the q/k/v projections)."""
+        from ..models import default_lora_targets
+        from ..sharding import is_sharded
+
+        if is_sharded(self.params):
+            raise ValueError("ctrap.step_direction=lora is not implemented for sharded (FSDP) parameters; "
+                             "use DDP or one process")
+        targets = list(self.config.trap_lora_targets or default_lora_targets(model))
+        index = {id(p): i for i, p in enumerate(self.params)}
+        sites, frozen = [], []
+        for name, module in model.named_modules():
+            conv1d = type(module).__name__ == "Conv1D"
+            if name.rsplit(".", 1)[-1] not in targets or not (isinstance(module, torch.nn.Linear) or conv1d):
+                continue
+            if id(module.weight) in index:
+                sites.append((index[id(module.weight)], conv1d))
+            else:
+                frozen.append(name)
+        if not sites:
+            raise ValueError(f"ctrap.step_direction=lora simulates a fresh LoRA adapter on the weights of "
+                             f"{targets}, but none of them is trained here"
+                             + (f" ({len(frozen)} frozen, e.g. {frozen[0]})" if frozen else
+                                " (no Linear layer has that name)")
+                             + "; it needs full-parameter alignment (align.lora: false) and target "
+                               "modules the model has (ctrap.trap_lora_targets)")
+        return sites
 
     def collapse(self, logits, labels):
         return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution)
@@ -359,6 +423,9 @@ class CTRAP(Defense):
                 g.sign_()
         elif c.step_direction == "adam":
             self._adam_direction(g_h, {} if moments is None else moments)
+        elif c.step_direction == "lora":
+            self._lora_direction(g_h, {} if moments is None else moments)
+            return g_h, 1.0
         if c.normalize:
             return g_h, -c.alpha / (float(global_norm(g_h)) + 1e-7)
         return g_h, -c.alpha
@@ -379,6 +446,41 @@ class CTRAP(Defense):
             v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
             g.copy_((m / correction1) / (v.sqrt() / root_correction2 + c.adam_epsilon))
 
+    def _lora_direction(self, g_h: list, moments: dict) -> None:
+        """g_h ← the move of the next AdamW iterate of a fresh LoRA adapter, in place: zero on
+        every weight it does not adapt; on an adapted weight W (out × in), with the adapter
+        W + s·B·A (s = trap_lora_alpha / trap_lora_r), the factors' gradients from G = ∂L/∂W,
+          ∂L/∂B = s·G·Aᵀ,   ∂L/∂A = s·Bᵀ·G,
+        one Adam step on (B, A) at lr α (the moments in `moments`, as for step_direction=adam),
+        and the move s·(B'A' − BA). At the trajectory's first step A is drawn as peft draws it
+        (kaiming-uniform with a = √5: U(−1/√in, 1/√in)) and B = 0, so the first move is
+        −α·s·sign(G·Aᵀ)·A (up to ε): the rows of G seen through r random directions."""
+        c = self.config
+        s = c.trap_lora_alpha / c.trap_lora_r
+        weights = [(g_h[i].t() if transposed else g_h[i]).float() for i, transposed in self._lora_sites]
+        if "A" not in moments:  # a fresh adapter: random A, B = 0
+            seed = moments.get("seed", (c.trap_lora_seed, self.steps_seen))
+            gen = torch.Generator().manual_seed(seed[0] * 1_000_003 + seed[1] + 1)
+            moments["A"] = [((torch.rand(c.trap_lora_r, G.shape[1], generator=gen) * 2 - 1)
+                             / math.sqrt(G.shape[1])).to(G.device) for G in weights]
+            moments["B"] = [G.new_zeros(G.shape[0], c.trap_lora_r) for G in weights]
+        A, B = moments["A"], moments["B"]
+        before = [s * (b @ a) for b, a in zip(B, A)]
+        factor_grads = [s * (G @ a.t()) for G, a in zip(weights, A)] + [s * (b.t() @ G) for G, b in zip(weights, B)]
+        del weights
+        self._adam_direction(factor_grads, moments)  # in place: Adam's m̂/(√v̂ + ε)
+        n = len(B)
+        for b, d in zip(B, factor_grads[:n]):
+            b.sub_(d, alpha=c.alpha)
+        for a, d in zip(A, factor_grads[n:]):
+            a.sub_(d, alpha=c.alpha)
+        del factor_grads
+        for g in g_h:
+            g.zero_()
+        for (i, transposed), b, a, old in zip(self._lora_sites, B, A, before):
+            move = s * (b @ a) - old
+            g_h[i].copy_(move.t() if transposed else move)
+
     def accumulate(self, batches, scale):
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
@@ -397,7 +499,7 @@ class CTRAP(Defense):
             g_h = self.grads(loss_h)
             if away is not None:
                 logs["harmful_general_cos"] = cosine(g_h, away)
-            moments = {}  # step_direction=adam: the simulated trajectory's Adam state
+            moments = {}  # step_direction=adam|lora: the simulated trajectory's Adam state
             direction, step = self.simulated_step(g_h, away, moments)
             del g_h
             self.cached_trap = None  # the old cache goes before the new one is built
@@ -464,7 +566,7 @@ class CTRAP(Defense):
         del loss_h
         if away is not None:
             logs["harmful_general_cos"] = cosine(g_h, away)
-        moments = {}
+        moments = {"seed": (c.trap_lora_seed, -1)}  # step_direction=lora: the probe's one fixed adapter
         direction, step = self.simulated_step(g_h, away, moments)
         del g_h
         logs.update(self._trap_first_order(direction, step, harmful, trap_batch, 0.0, away,
