@@ -590,3 +590,35 @@ def test_selection_of_the_initial_weights_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="inoculate.training"):
         assert sel.restore([("p", p)])["step"] == 10
     assert "before any update" not in caplog.text
+
+
+def test_resumed_lora_trap_run_draws_the_adapters_of_an_uninterrupted_run(tmp_path):
+    """CTRAP with step_direction=lora draws its simulated adapter from the micro-step count: a
+    run killed after its checkpoint and rerun continues the count (and so the draws), ending
+    with the weights of a run that was never interrupted."""
+    from inoculate.defenses.ctrap import CTRAP
+
+    cfg = {k: v for k, v in ALIGN.items() if not k.startswith("lora_")}
+    cfg.update(defense="ctrap", lora=False, learning_rate=1e-3, **{
+        "ctrap.step_direction": "lora", "ctrap.normalize": False, "ctrap.alpha": 0.05,
+        "ctrap.lambda_collapse": 1.0, "ctrap.harmful_batch_size": 2, "ctrap.trap_lora_r": 2})
+    straight = pipeline.align(dict(cfg), tmp_path / "straight", progress=False)
+    real, calls = CTRAP.accumulate, {"n": 0}
+
+    def accumulate(self, batches, scale):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, batches, scale)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CTRAP, "accumulate", accumulate)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.align(dict(cfg), tmp_path / "killed", progress=False)
+    killed = pipeline.align(dict(cfg), tmp_path / "killed", progress=False)
+    assert json.loads((killed / runs.RUN_MARKER).read_text())["resumed_from"] == 2
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
