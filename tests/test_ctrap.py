@@ -717,6 +717,19 @@ def test_lora_trap_gradient_and_fresh_adapter_per_refresh():
         torch.testing.assert_close(x, a + 0.3 * c, rtol=1e-4, atol=1e-6)
 
 
+def test_lora_trap_seed_chooses_the_adapter():
+    """trap_lora_seed picks the simulated adapter's A: another seed, another point; the same
+    seed, the same point."""
+    model, tok = _model(lora=False)
+    b = _batches(tok)
+    point = lambda seed: _defense(model, tok, alpha=0.05, step_direction="lora", normalize=False,
+                                  trap_lora_r=2, trap_lora_seed=seed).probe(
+        b, at_point=lambda: {"theta": [p.detach().clone() for p in model.parameters() if p.requires_grad]})["point/theta"]
+    a, again, other = point(0), point(0), point(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, again))
+    assert sum(float((x - y).norm()) for x, y in zip(a, other)) > 1e-6
+
+
 def test_lora_trap_needs_full_parameter_alignment_and_its_own_step_length():
     model, tok = _model(lora=True)
     with pytest.raises(ValueError, match="full-parameter alignment"):
