@@ -592,6 +592,28 @@ def test_selection_of_the_initial_weights_is_warned_about(caplog):
     assert "before any update" not in caplog.text
 
 
+def test_selection_ties_keep_the_first_or_the_last_equal_step():
+    """A value that saturates (a share of 1.0 at several steps) ties: the default keeps the first
+    such step, select_ties=last the last one, with that step's weights."""
+    from inoculate.training import Selection
+
+    for ties, kept in [("first", 10), ("last", 30)]:
+        p = torch.nn.Parameter(torch.zeros(1))
+        sel = Selection("monitor/x", "max", ties=ties)
+        for step, value in [(0, 0.5), (10, 1.0), (20, 0.9), (30, 1.0)]:
+            with torch.no_grad():
+                p.fill_(step)
+            sel.offer(step, {"monitor/x": value}, [("p", p)], updates=step)
+        record = sel.restore([("p", p)])
+        assert record["step"] == kept and p.item() == kept
+        assert record.get("ties", "first") == ties
+    from inoculate.config import ConfigError
+    from inoculate.pipeline import AlignConfig
+
+    with pytest.raises(ConfigError, match="select_ties must be first or last"):
+        AlignConfig(model="m", data="d", defense="sft", select_by="grad_norm", select_ties="middle")
+
+
 def test_resumed_lora_trap_run_draws_the_adapters_of_an_uninterrupted_run(tmp_path):
     """CTRAP with step_direction=lora draws its simulated adapter from the micro-step count: a
     run killed after its checkpoint and rerun continues the count (and so the draws), ending

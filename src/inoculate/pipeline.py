@@ -73,6 +73,7 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     fsdp: bool = doc(False, "shard parameters, gradients and optimizer state with FSDP2 (fully_shard) across the processes of torchrun / accelerate launch; ignored in one process")
     select_by: str = doc("", "keep the weights of the logging step where this logged value was best (e.g. ctrap's trap_gap with select_mode=max) instead of the last step's; '' = the last step")
     select_mode: str = doc("min", "select_by: min (lowest value) | max (highest)")
+    select_ties: str = doc("first", "select_by: among logged steps with the same best value keep the first | last (e.g. a share that saturates at 1: the last is the longest trained)")
     select_limits: list[str] = doc([], "select_by: only steps whose logged values keep these bounds, each KEY<=NUMBER or KEY>=NUMBER (e.g. monitor/collapse_token_share<=0.02 with select_by monitor/ctrap/trap_gap); the run fails if no step does")
     monitor_samples: int = doc(0, "held-out validation set measured at every logging step (0: off): the last N harmful prompts of the test split and the last N general examples (losses, greedy answers' collapse-token share, degenerate and refusal rates, the defense's own probe, e.g. monitor/ctrap/trap_gap), logged as monitor/...; select_by can name them. Evaluation reads the test split's first prompts: keep the two apart")
     monitor_new_tokens: int = doc(24, "monitor_samples: new tokens per greedy answer")
@@ -80,13 +81,15 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     def __post_init__(self):
         if self.select_mode not in ("min", "max"):
             raise ConfigError(f"select_mode must be min or max, got {self.select_mode!r}")
+        if self.select_ties not in ("first", "last"):
+            raise ConfigError(f"select_ties must be first or last, got {self.select_ties!r}")
         if self.monitor_samples < 0 or self.monitor_new_tokens < 1:
             raise ConfigError(f"monitor_samples must be >= 0 and monitor_new_tokens >= 1, got "
                               f"{self.monitor_samples} and {self.monitor_new_tokens}")
         if self.select_limits and not self.select_by:
             raise ConfigError("select_limits bound the candidates of select_by, which is not set")
         if self.select_by:  # checks the limits' syntax and that they are logged with select_by
-            Selection(self.select_by, self.select_mode, self.select_limits)
+            Selection(self.select_by, self.select_mode, self.select_limits, self.select_ties)
         monitored = [k for k in [self.select_by, *(parse_limit(t)[0] for t in self.select_limits)]
                      if k.startswith(MONITOR_PREFIX)]
         if monitored and not self.monitor_samples:
@@ -157,7 +160,7 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
     "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
-              "monitor_samples", "monitor_new_tokens"),
+              "monitor_samples", "monitor_new_tokens", "select_ties"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens"),
     "evaluate": ("extra_judges",),
@@ -480,7 +483,8 @@ def align(values: dict, out: str, overwrite: bool = False, progress: bool = True
     defense.setup(model, tok)
     streams = build_align_streams(defense, cfg, tok, rank, world)
     main = next(iter(defense.streams()))
-    selection = Selection(cfg.select_by, cfg.select_mode, cfg.select_limits) if cfg.select_by else None
+    selection = (Selection(cfg.select_by, cfg.select_mode, cfg.select_limits, cfg.select_ties)
+                 if cfg.select_by else None)
     monitor = _align_monitor(cfg, dcfg, defense, tok, device) if cfg.monitor_samples else None
     result = train(model, defense, streams, cfg, out, main_stream=main, progress=progress,
                    selection=selection, monitor=monitor)

@@ -345,13 +345,16 @@ class Selection:
     `key`: both monitor values or both step values); when every candidate broke one, `restore`
     fails instead of keeping weights the limits ruled out. The kept copy lives in CPU memory
     (one copy of the trainable weights) and in every checkpoint, so a resumed run selects among
-    all its steps. Non-finite values are never selected. Not for FSDP-sharded parameters (the
-    pipeline refuses select_by with fsdp)."""
+    all its steps. Non-finite values are never selected. Among equal values the first such step
+    is kept (`ties` "first") or the last ("last"). Not for FSDP-sharded parameters (the pipeline
+    refuses select_by with fsdp)."""
 
-    def __init__(self, key: str, mode: str = "min", limits=()):
+    def __init__(self, key: str, mode: str = "min", limits=(), ties: str = "first"):
         if mode not in ("min", "max"):
             raise ValueError(f"selection mode must be min or max, got {mode!r}")
-        self.key, self.mode = key, mode
+        if ties not in ("first", "last"):
+            raise ValueError(f"selection ties must be first or last, got {ties!r}")
+        self.key, self.mode, self.ties = key, mode, ties
         self.limit_texts = [str(t) for t in limits]
         self.limits = [parse_limit(t) for t in self.limit_texts]
         mixed = [k for k, _, _ in self.limits if k.startswith(MONITOR_PREFIX) != key.startswith(MONITOR_PREFIX)]
@@ -370,7 +373,8 @@ class Selection:
         value = float(logs[self.key])
         if not math.isfinite(value) or not self.within_limits(logs):
             return
-        if self.value is None or (value < self.value if self.mode == "min" else value > self.value):
+        if (self.value is None or (value < self.value if self.mode == "min" else value > self.value)
+                or (self.ties == "last" and value == self.value)):
             self.step, self.value, self.updates = step, value, updates
             self.weights = {n: p.detach().to("cpu", copy=True) for n, p in named}
 
@@ -402,7 +406,8 @@ class Selection:
 
     def record(self) -> dict:
         return {"step": self.step, "updates": self.updates, "key": self.key, "value": self.value,
-                **({"limits": self.limit_texts} if self.limits else {})}
+                **({"limits": self.limit_texts} if self.limits else {}),
+                **({"ties": self.ties} if self.ties != "first" else {})}
 
 
 def _grad_norm(params: List[torch.nn.Parameter]) -> float:
