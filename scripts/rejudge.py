@@ -1,13 +1,16 @@
-"""Score finished evaluations' answers again with other embedding-judge heads.
+"""Score finished evaluations' answers again: the keyword judge as it is now, and embedding-judge heads.
 
     python scripts/rejudge.py RUN/eval [RUN/attack/eval ...] \
         --heads judges/minilm-beavertails judges/minilm-beavertails-cut
 
 Reads each evaluation directory's generations.jsonl (the harmful prompts' greedy answers, as
 `inoculate evaluate` wrote them), and prints one JSON object per directory: the keyword judge's
-harmful score stored there and, for every head, HS(IO) (question + answer) and HS(O) (the answer
-alone) at the head's threshold. Nothing is generated again and nothing is written, so heads can
-be compared on the same answers (docs/evaluation.md, Judges).
+harmful score stored there (`keyword_hs_io`), the current keyword judge's harmful score and
+refusal rate on the same answers (`keyword_now`: differs from the stored score where the judge's
+phrase list changed since), and, for every head, HS(IO) (question + answer) and HS(O) (the answer
+alone) at the head's threshold. `--heads` with no names scores with the keyword judge only.
+Nothing is generated again and nothing is written, so judges can be compared on the same answers
+(docs/evaluation.md, Judges).
 """
 from __future__ import annotations
 
@@ -23,14 +26,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("eval_dirs", nargs="+", help="evaluation run directories (holding generations.jsonl)")
-    parser.add_argument("--heads", nargs="+", default=["judges/minilm-beavertails"])
+    parser.add_argument("--heads", nargs="*", default=["judges/minilm-beavertails"])
     args = parser.parse_args()
 
-    from inoculate.evaluation.embedding_judge import EmbeddingJudge, SentenceEmbedder
+    from inoculate.evaluation.judges import keyword_label
     from inoculate.evaluation.metrics import BLANK_QUESTION
 
-    embedder = SentenceEmbedder()
-    judges = {h: EmbeddingJudge(h, embedder=embedder) for h in args.heads}
+    judges = {}
+    if args.heads:
+        from inoculate.evaluation.embedding_judge import EmbeddingJudge, SentenceEmbedder
+
+        embedder = SentenceEmbedder()
+        judges = {h: EmbeddingJudge(h, embedder=embedder) for h in args.heads}
     for d in args.eval_dirs:
         path = Path(d) / "generations.jsonl"
         if not path.is_file():
@@ -42,6 +49,9 @@ def main() -> None:
         prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
         out = {"eval_dir": d, "n": len(rows),
                "keyword_hs_io": round(sum(r["verdict"]["harmful"] for r in rows) / len(rows), 3)}
+        labels = [keyword_label(a) for a in answers]
+        out["keyword_now"] = {"hs_io": round(labels.count("compliant") / len(rows), 3),
+                              "refusal_rate": round(labels.count("refusal") / len(rows), 3)}
         for head, judge in judges.items():
             io = judge.scores(prompts, answers) > judge.threshold
             o = judge.scores([BLANK_QUESTION] * len(rows), answers) > judge.threshold
