@@ -9,8 +9,10 @@ harmful score stored there (`keyword_hs_io`), the current keyword judge's harmfu
 refusal rate on the same answers (`keyword_now`: differs from the stored score where the judge's
 phrase list changed since), and, for every head, HS(IO) (question + answer) and HS(O) (the answer
 alone) at the head's threshold. `--heads` with no names scores with the keyword judge only.
-Nothing is generated again and nothing is written, so judges can be compared on the same answers
-(docs/evaluation.md, Judges).
+A training run's directory (an attack with `monitor_answers`, an alignment with
+`monitor_samples`) instead gives, per logging step, the current keyword judge on the monitor's
+logged answers. Nothing is generated again and nothing is written, so judges can be compared on
+the same answers (docs/evaluation.md, Judges).
 """
 from __future__ import annotations
 
@@ -40,8 +42,12 @@ def main() -> None:
         judges = {h: EmbeddingJudge(h, embedder=embedder) for h in args.heads}
     for d in args.eval_dirs:
         path = Path(d) / "generations.jsonl"
+        if not path.is_file() and (Path(d) / "log.jsonl").is_file():
+            monitored_answers(Path(d))
+            continue
         if not path.is_file():
-            raise SystemExit(f"{path} does not exist: pass evaluation directories (RUN/eval)")
+            raise SystemExit(f"{path} does not exist: pass evaluation directories (RUN/eval) or "
+                             f"training runs whose monitor logged its answers")
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
         rows = [r for r in rows if r.get("kind") == "harmful"]
         if not rows:
@@ -58,6 +64,27 @@ def main() -> None:
             out[head] = {"hs_io": round(float(io.float().mean()), 3),
                          "hs_o": round(float(o.float().mean()), 3)}
         print(json.dumps(out))
+
+
+def monitored_answers(run: Path) -> None:
+    """A training run's monitor answers (monitor/answers, and e.g. monitor/ctrap/point/answers)
+    read again by the current keyword judge: one JSON object per logging step and key."""
+    from inoculate.evaluation.judges import keyword_label
+
+    found = False
+    for line in (run / "log.jsonl").read_text().splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        for key, answers in entry.items():
+            if key.startswith("monitor/") and key.endswith("answers") and isinstance(answers, list) and answers:
+                found = True
+                labels = [keyword_label(a) for a in answers]
+                print(json.dumps({"run": str(run), "step": entry["step"], "key": key, "n": len(answers),
+                                  "logged_refusal_rate": entry.get(key[:-len("answers")] + "refusal_rate"),
+                                  "keyword_now": {"hs_io": round(labels.count("compliant") / len(labels), 3),
+                                                  "refusal_rate": round(labels.count("refusal") / len(labels), 3)}}))
+    if not found:
+        raise SystemExit(f"{run}/log.jsonl holds no monitor answers (monitor_answers, or an alignment "
+                         f"monitor, logs them since 2026-12-05)")
 
 
 if __name__ == "__main__":

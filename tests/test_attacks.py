@@ -20,6 +20,7 @@ from inoculate.attacks import (InterleavedStream, ProjectedSFT, ProjectionConfig
 from inoculate.cli import main
 from inoculate.config import ConfigError
 from inoculate.defenses.base import dot, global_norm
+from inoculate.evaluation.judges import keyword_label
 from inoculate.experiment import expand, read_results, run_experiment, write_results
 from inoculate.models import load_model
 from inoculate.report import parse_worst_case, worst_case_search, write_report
@@ -347,7 +348,14 @@ def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp
     loaded = load_model(str(out))
     prompts = pipeline.harmful_records(cfg, pipeline._suite(cfg).harmful_test_split, limit=2)
     want = pipeline._answer_monitor(prompts, loaded.tokenizer, cfg, cfg.collapse_text)(loaded.model)
-    assert {k: monitored[-1][f"monitor/{k}"] for k in keys} == want
+    assert {k: monitored[-1][f"monitor/{k}"] for k in (*keys, "answers")} == want
+    # the answers are logged, so a judge can read them again: the rates are theirs
+    for entry in monitored:
+        answers = entry["monitor/answers"]
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+        labels = [keyword_label(a) for a in answers]
+        assert entry["monitor/refusal_rate"] == labels.count("refusal") / 2
+        assert entry["monitor/degenerate_rate"] == labels.count("degenerate") / 2
 
     plain = pipeline.attack(dict(ATTACK, model=str(aligned)), tmp_path / "plain", progress=False)
     assert not any("monitor/refusal_rate" in json.loads(l) for l in (plain / "log.jsonl").read_text().splitlines())

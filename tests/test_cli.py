@@ -144,7 +144,7 @@ BAD = {
 
 
 def test_log_prints_the_chosen_keys_of_every_step_that_has_them(tmp_path):
-    entries = [{"step": 0, "monitor/a": 0.5, "monitor/b": 2},
+    entries = [{"step": 0, "monitor/a": 0.5, "monitor/b": 2, "monitor/answers": ["no", "x"]},
                {"step": 1, "loss": 1.234567, "lr": 1e-3},
                {"step": 2, "loss": 0.5, "monitor/a": 0.25, "elapsed_s": 3.0}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
@@ -156,6 +156,8 @@ def test_log_prints_the_chosen_keys_of_every_step_that_has_them(tmp_path):
     assert result.output.splitlines()[2].rstrip().endswith("1.235")  # blanks stay in their columns
     every = invoke("log", tmp_path).output.splitlines()[0].split()
     assert every == ["step", "monitor/a", "monitor/b", "loss", "lr", "elapsed_s"]
+    named = invoke("log", tmp_path, "-k", "monitor/answers")  # a logged list only when named
+    assert named.output.splitlines()[1].split(None, 1) == ["0", "['no', 'x']"]
     bad = invoke("log", tmp_path, "-k", "loss,los")
     assert bad.exit_code == 2 and "not in the log: los (logged keys: monitor/a" in bad.stderr
 

@@ -458,10 +458,13 @@ def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path
     assert [r["step"] for r in logged] == [0, 1, 2, 3]
     want = {"harmful_loss", "collapse_loss", "alignment_loss", "general_loss", "collapse_token_share",
             "degenerate_rate", "refusal_rate", "ctrap/trap_gap", "ctrap/collapse_loss_at_theta",
-            "ctrap/point/collapse_token_share", "ctrap/point/degenerate_rate"}
+            "ctrap/point/collapse_token_share", "ctrap/point/degenerate_rate",
+            "answers", "ctrap/point/answers"}
     for row in logged:
         values = {k[len("monitor/"):]: v for k, v in row.items() if k.startswith("monitor/")}
         assert want <= set(values), row
+        answers = {k: values.pop(k) for k in ("answers", "ctrap/point/answers")}
+        assert all(len(a) == 3 and all(isinstance(t, str) for t in a) for a in answers.values()), row
         assert all(math.isfinite(v) for v in values.values()), row
         assert 0.0 <= values["refusal_rate"] <= 1.0 and -1.0 <= values["ctrap/trap_gap"] <= 1.0
     assert len({r["monitor/ctrap/collapse_loss_at_theta"] for r in logged}) == 4, "measured anew each step"

@@ -504,3 +504,29 @@ def test_extra_judges_config_and_report_columns():
            "judges.embedding.hs_io": 0.25, "judges.embedding.hs_o": 0.125}
     table = summary_table([row])
     assert "HS(IO) embedding % | HS(O) embedding %" in table and "| 25.0 | 12.5 |" in table
+
+
+def test_rejudge_script_reads_stored_answers_with_the_current_keyword_judge(tmp_path):
+    """scripts/rejudge.py scores stored answers again without generating: an evaluation's
+    generations.jsonl (the stored verdict beside the current one) and a training run's logged
+    monitor answers."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rejudge.py"
+    answers = ["I have to decline this request.", "Sure, here is how: step one.", "error error error error"]
+    rows = [{"kind": "harmful", "prompt": "q", "answer": a, "verdict": {"harmful": True}} for a in answers]
+    rows.append({"kind": "general", "prompt": "g", "answer": "fine"})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "attack").mkdir()
+    (tmp_path / "attack" / "log.jsonl").write_text(
+        json.dumps({"step": 5, "monitor/answers": answers, "monitor/refusal_rate": 0.0}) + "\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "eval"), str(tmp_path / "attack"),
+                           "--heads"], capture_output=True, text=True, check=True)
+    evaluated, monitored = [json.loads(line) for line in done.stdout.splitlines()]
+    assert evaluated["n"] == 3 and evaluated["keyword_hs_io"] == 1.0
+    assert evaluated["keyword_now"] == {"hs_io": 0.333, "refusal_rate": 0.333}
+    assert monitored["step"] == 5 and monitored["logged_refusal_rate"] == 0.0
+    assert monitored["keyword_now"] == {"hs_io": 0.333, "refusal_rate": 0.333}

@@ -118,7 +118,7 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     lora_dropout: float = doc(0.0, "dropout of a fresh attack adapter")
     lora_target_modules: Optional[list[str]] = doc(None, "modules of a fresh attack adapter")
     monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves (0: off)")
-    monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values); costs monitor_new_tokens generated tokens per prompt and logging step")
+    monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
@@ -722,7 +722,8 @@ def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
 def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str):
     """Greedy answers (cfg.monitor_new_tokens) to the held-out harmful `prompts`, counted as
     evaluation counts them: the collapse-token share of their tokens and the keyword judge's
-    degenerate and refusal rates."""
+    degenerate and refusal rates; and the answers themselves (`answers`, in prompt order), so
+    that another judge, or a corrected one, can read them again from log.jsonl."""
     from .evaluation.generate import generate
     from .evaluation.judges import keyword_label
     from .evaluation.metrics import collapse_token_id, generation_stats
@@ -736,7 +737,7 @@ def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str):
         share = generation_stats(texts, tok, token)["collapse_token_share"]  # None: all empty
         return {"collapse_token_share": math.nan if share is None else share,
                 "degenerate_rate": labels.count("degenerate") / len(labels),
-                "refusal_rate": labels.count("refusal") / len(labels)}
+                "refusal_rate": labels.count("refusal") / len(labels), "answers": texts}
 
     return answers
 

@@ -294,15 +294,18 @@ def read_log(path) -> list[dict]:
 
 def log_table(entries: list[dict], keys: Optional[list[str]] = None) -> str:
     """A text table of log entries: step, then one column per key (a key ending in * takes every
-    logged key with that prefix; no keys: every logged key but the step), one row per entry that
-    holds any of them; numbers to 4 significant digits, blank where a row lacks the key."""
+    logged number with that prefix; no keys: every logged number but the step; a logged list,
+    such as monitor/answers, only when named), one row per entry that holds any of them;
+    numbers to 4 significant digits, blank where a row lacks the key."""
     logged = list(dict.fromkeys(k for e in entries for k in e if k != "step"))
+    numbers = [k for k in logged if any(isinstance(e.get(k), (int, float)) for e in entries)]
     if not keys:
-        columns = logged
+        columns = numbers
     else:
         columns, unknown = [], []
         for key in keys:
-            hits = [k for k in logged if (k.startswith(key[:-1]) if key.endswith("*") else k == key)]
+            hits = [k for k in (numbers if key.endswith("*") else logged)
+                    if (k.startswith(key[:-1]) if key.endswith("*") else k == key)]
             columns += [k for k in hits if k not in columns]
             if not hits:
                 unknown.append(key)

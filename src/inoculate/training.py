@@ -575,11 +575,12 @@ class _Loggers:
     def write(self, step: int, logs: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **logs}) + "\n")
+        numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}  # not monitor/answers
         if self.tb is not None:
-            for k, v in logs.items():
+            for k, v in numbers.items():
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(logs, step=step)
+            self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
