@@ -31,7 +31,6 @@ def main() -> None:
     parser.add_argument("--heads", nargs="*", default=["judges/minilm-beavertails"])
     args = parser.parse_args()
 
-    from inoculate.evaluation.judges import keyword_label
     from inoculate.evaluation.metrics import BLANK_QUESTION
 
     judges = {}
@@ -55,9 +54,7 @@ def main() -> None:
         prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
         out = {"eval_dir": d, "n": len(rows),
                "keyword_hs_io": round(sum(r["verdict"]["harmful"] for r in rows) / len(rows), 3)}
-        labels = [keyword_label(a) for a in answers]
-        out["keyword_now"] = {"hs_io": round(labels.count("compliant") / len(rows), 3),
-                              "refusal_rate": round(labels.count("refusal") / len(rows), 3)}
+        out["keyword_now"] = keyword_now(answers)
         for head, judge in judges.items():
             io = judge.scores(prompts, answers) > judge.threshold
             o = judge.scores([BLANK_QUESTION] * len(rows), answers) > judge.threshold
@@ -66,22 +63,27 @@ def main() -> None:
         print(json.dumps(out))
 
 
+def keyword_now(answers: list) -> dict:
+    """The current keyword judge's harmful score (compliant share) and refusal rate."""
+    from inoculate.evaluation.judges import keyword_label
+
+    labels = [keyword_label(a) for a in answers]
+    return {"hs_io": round(labels.count("compliant") / len(labels), 3),
+            "refusal_rate": round(labels.count("refusal") / len(labels), 3)}
+
+
 def monitored_answers(run: Path) -> None:
     """A training run's monitor answers (monitor/answers, and e.g. monitor/ctrap/point/answers)
     read again by the current keyword judge: one JSON object per logging step and key."""
-    from inoculate.evaluation.judges import keyword_label
-
     found = False
     for line in (run / "log.jsonl").read_text().splitlines():
         entry = json.loads(line) if line.strip() else {}
         for key, answers in entry.items():
             if key.startswith("monitor/") and key.endswith("answers") and isinstance(answers, list) and answers:
                 found = True
-                labels = [keyword_label(a) for a in answers]
                 print(json.dumps({"run": str(run), "step": entry["step"], "key": key, "n": len(answers),
                                   "logged_refusal_rate": entry.get(key[:-len("answers")] + "refusal_rate"),
-                                  "keyword_now": {"hs_io": round(labels.count("compliant") / len(labels), 3),
-                                                  "refusal_rate": round(labels.count("refusal") / len(labels), 3)}}))
+                                  "keyword_now": keyword_now(answers)}))
     if not found:
         raise SystemExit(f"{run}/log.jsonl holds no monitor answers (monitor_answers, or an alignment "
                          f"monitor, logs them since 2026-12-05)")
