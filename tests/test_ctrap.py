@@ -1025,20 +1025,40 @@ def test_trap_gap_from_the_collapse_losses_at_theta_and_the_deepest_point(trap_s
     assert "trap_gap" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no gap"
 
 
+def test_point_logs_name_each_point_and_the_deepest():
+    """point/<key> is θ_K's; with K > 1 each point's values are logged under point/step<k>/ and
+    the point with the largest collapse-token share (NaN: no answers) under point/deepest/."""
+    nan = float("nan")
+    points = [{"collapse_token_share": 0.2, "r": "a"}, {"collapse_token_share": 0.9, "r": "b"},
+              {"collapse_token_share": 0.9, "r": "c"}, {"collapse_token_share": nan, "r": "d"}]
+    logs = CTRAP._point_logs(points)
+    assert logs["point/r"] == "d" and logs["point/step2/r"] == "b" and logs["point/step4/r"] == "d"
+    assert logs["point/deepest/r"] == "b" and logs["point/deepest_step"] == 2  # the first of ties
+    assert logs["point/deepest/collapse_token_share"] == 0.9
+    assert CTRAP._point_logs([{"collapse_token_share": 0.2}]) == {"point/collapse_token_share": 0.2}
+    unread = CTRAP._point_logs([{"collapse_token_share": nan}, {"x": 1.0}])
+    assert "point/deepest_step" not in unread and unread["point/x"] == 1.0
+    assert CTRAP._point_logs([]) == {}
+
+
 @pytest.mark.parametrize("options", [{}, {"trap_steps": 2, "step_direction": "sign", "project_out_general": True},
                                      {"trap_every": 3}])
 def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options):
     """The held-out probe (the alignment monitor's) logs what a training micro-step on the
     same batches logs (same simulated points, same collapse losses at θ and at them, same
-    trap_gap), calls at_point() once at the last simulated point, and leaves parameters
+    trap_gap), calls at_point() once at each simulated point, and leaves parameters
     bit-identical, p.grad empty and the amortized cache and step count as they were."""
     model, tok = _model()
     b = _batches(tok)
     d = _defense(model, tok, alpha=0.5, **options)
+    K = options.get("trap_steps", 1)
     before = [p.detach().clone() for p in d.params]
     seen = []  # the parameters at_point() was called on
-    probed = d.probe(b, at_point=lambda: seen.append([p.detach().clone() for p in d.params]) or {"x": 1.0})
-    assert len(seen) == 1 and probed["point/x"] == 1.0
+    probed = d.probe(b, at_point=lambda: seen.append([p.detach().clone() for p in d.params]) or {"x": len(seen)})
+    assert len(seen) == K and probed["point/x"] == K  # point/<key>: the last point's values
+    if K > 1:
+        assert [probed[f"point/step{k}/x"] for k in range(1, K + 1)] == list(range(1, K + 1))
+        assert any(not torch.equal(p, q) for p, q in zip(seen[0], seen[1])), "a different point each call"
     assert any(not torch.equal(p, q) for p, q in zip(seen[0], before)), "called at a moved point"
     if not options:  # K = 1: the point is θ − α·g_h/‖g_h‖, the harmful gradient's step
         g_h = _grads(model, d.params, token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"]))

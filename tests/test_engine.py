@@ -472,6 +472,24 @@ def test_align_monitor_logs_held_out_values_and_does_not_touch_training(tmp_path
     _assert_same_adapter(_adapter(plain), _adapter(monitored))
 
 
+def test_align_monitor_answers_at_every_simulated_point_and_selects_on_the_deepest(tmp_path):
+    """With trap_steps = 2 the monitor answers at θ_1 and θ_2 (point/step1/, point/step2/), logs
+    the point with more "error" as point/deepest/ (point/ stays θ_2's), and select_by can name it."""
+    key = "monitor/ctrap/point/deepest/collapse_token_share"
+    cfg = dict(CTRAP_MONITORED, select_by=key, select_mode="max", **{"ctrap.trap_steps": 2})
+    run = pipeline.align(cfg, tmp_path / "run", progress=False)
+    logged = _log(run)
+    for row in logged:
+        steps = [row[f"monitor/ctrap/point/step{k}/collapse_token_share"] for k in (1, 2)]
+        k = row["monitor/ctrap/point/deepest_step"]
+        assert row[key] == steps[k - 1] == max(steps) and (k == 1 or steps[0] < steps[1]), row
+        assert row["monitor/ctrap/point/collapse_token_share"] == steps[1]
+        assert row["monitor/ctrap/point/deepest/answers"] == row[f"monitor/ctrap/point/step{k}/answers"]
+        assert len(row["monitor/ctrap/point/step1/answers"]) == 3
+    info = json.loads((run / runs.RUN_MARKER).read_text())
+    assert info["selected"]["key"] == key and info["selected"]["value"] == max(r[key] for r in logged)
+
+
 @pytest.mark.parametrize("defense,options,key", [
     ("booster", {}, "booster/point/refusal_rate"),
     ("seam", {"dtype": "float32"}, "seam/cos_sd"),

@@ -543,7 +543,8 @@ class CTRAP(Defense):
         held-out retain batch. Logs trap_gap, collapse_loss (mean over the points, as in
         training), collapse_loss_at_theta, align_loss and harmful_loss; with trap_steps > 1 the
         per-point losses, with project_out_general harmful_general_cos, as training does; and
-        `at_point()`'s values, measured at the last simulated point θ_K, as point/<key>.
+        `at_point()`'s values at the simulated points (`_point_logs`: point/<key> at the last,
+        θ_K; with trap_steps > 1 also at each point and at the deepest).
         Nothing reaches p.grad; θ is restored bit-exactly."""
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
@@ -610,12 +611,13 @@ class CTRAP(Defense):
         (amortized mode) into the cache, which so holds λ times the mean over the K points.
         `away` (project_out_general) is projected out of every harmful gradient. `apply=False`
         (the held-out probe) only measures the collapse losses: no collapse gradient is taken;
-        `at_point()`, if given, is called at θ_K and its values returned as point/<key>.
+        `at_point()`, if given, is called at each of θ_1..θ_K and its values returned as
+        `_point_logs` names them (point/<key> at θ_K).
         `moments` (step_direction=adam) is the trajectory's Adam state after its first step.
         `harmful` is the list of the K steps' harmful batches (harmful_batches)."""
         c = self.config
         K = c.trap_steps
-        collapse_losses, harmful_losses = [], []
+        collapse_losses, harmful_losses, points = [], [], []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
                 if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the k-th step's harmful batch
@@ -638,11 +640,34 @@ class CTRAP(Defense):
                             acc.add_(g.detach(), alpha=c.lambda_collapse / K)
                     del g_c
                 del loss_c
-            point = at_point() if at_point is not None else {}
-        logs = {"collapse_loss": sum(collapse_losses) / K, **{f"point/{k}": v for k, v in point.items()}}
+                if at_point is not None:
+                    points.append(at_point())
+        logs = {"collapse_loss": sum(collapse_losses) / K, **self._point_logs(points)}
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
+        return logs
+
+    @staticmethod
+    def _point_logs(points: list) -> dict:
+        """`at_point()`'s values at the simulated points θ_1..θ_K as logged keys: point/<key> at
+        θ_K; with K > 1 also point/step<k>/<key> at each θ_k, and point/deepest/<key> at the point
+        whose greedy answers hold the largest collapse-token share (the first of ties; NaN, no
+        answers, counts as none), point/deepest_step its k. A trap whose simulated attacker
+        leaves the collapse again by θ_K is collapsed at an earlier point: selecting on θ_K's
+        share alone kept a shallow step in round 21 (docs/methods/ctrap-smollm2.md)."""
+        if not points:
+            return {}
+        logs = {f"point/{k}": v for k, v in points[-1].items()}
+        if len(points) > 1:
+            for i, point in enumerate(points, 1):
+                logs.update({f"point/step{i}/{k}": v for k, v in point.items()})
+            shares = [p.get("collapse_token_share") for p in points]
+            shares = [x if isinstance(x, float) and not math.isnan(x) else -math.inf for x in shares]
+            if max(shares) > -math.inf:
+                deepest = shares.index(max(shares))
+                logs.update({f"point/deepest/{k}": v for k, v in points[deepest].items()})
+                logs["point/deepest_step"] = deepest + 1
         return logs
 
     def _benign_guard(self, benign, retain, scale, g_b: Optional[list] = None) -> dict:
