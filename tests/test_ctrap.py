@@ -304,8 +304,8 @@ def test_trap_steps_1_is_the_official_step_bit_for_bit():
     loss_a = token_ce(*ref.answer_logits(retain))
     ref.backward(loss_a, 0.5)
     assert all(torch.equal(x, p.grad) for x, p in zip(got, ref.params))
-    assert list(logs) == ["harmful_loss", "collapse_loss", "align_loss", "collapse_loss_at_theta",
-                          "trap_gap"]
+    assert list(logs) == ["harmful_loss", "collapse_loss_harmful_at_theta", "collapse_loss", "align_loss",
+                          "collapse_loss_at_theta", "trap_gap"]
     assert (logs["harmful_loss"], logs["collapse_loss"], logs["align_loss"]) == (
         loss_h.item(), loss_c.item(), loss_a.item())
     assert d.passes_per_step == 3
@@ -458,7 +458,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
     assert set(resolved["ctrap"]) == {f.name for f in fields(CTRAPConfig)} - {
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
-        "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed"}
+        "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
+        "dormancy_harmful"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1141,21 +1142,94 @@ def test_dormancy_term_is_zero_below_the_bound():
     assert all(torch.equal(x, y) for x, y in zip(got, plain))
 
 
+def _median_bound(model, batch, e):
+    """A bound at the median log-probability of the collapse token over the batch's answer
+    positions, between two positions, so that the hinge is active at about half of them and
+    none sits on its kink."""
+    with torch.no_grad():
+        logits = _fwd(model, batch)
+        mask = batch["labels"][:, 1:] != -100
+        log_p = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)[:, e]
+    middle = log_p.sort().values[len(log_p) // 2 - 1: len(log_p) // 2 + 1]
+    bound = math.exp(float(middle.mean()))
+    assert 0.2 < float((log_p > math.log(bound)).float().mean()) < 0.8
+    return bound
+
+
+@pytest.mark.parametrize("lora,second_order", [(True, False), (False, False), (True, True)])
+def test_dormancy_on_harmful_answers_adds_the_hinge_on_step_one_logits(lora, second_order):
+    """dormancy_harmful = ν_h adds ν_h·∇D(θ; harmful answers) to the step's gradient (first and
+    second order), D the hinge written out position by position on the harmful batch; the logs
+    and the held-out probe report D and the collapse loss on the harmful answers at θ."""
+    model, tok = _model(lora, attn="eager" if second_order else None)
+    b = _batches(tok)
+    e = _defense(model, tok).token
+    bound = _median_bound(model, b["harmful"], e)
+    nu, scale = 2.0, 0.5
+    kw = dict(alpha=0.5, second_order=second_order, dormancy_bound=bound)
+    _, plain = _accumulate_restored(_defense(model, tok, **kw), b, scale)
+    for p in model.parameters():
+        p.grad = None
+    d = _defense(model, tok, dormancy_harmful=nu, **kw)
+    logs, got = _accumulate_restored(d, b, scale)
+    logits = _fwd(model, b["harmful"])
+    hinge = _dormancy_by_hand(logits, b["harmful"]["labels"], e, bound)
+    assert logs["dormancy_harmful_loss"] == pytest.approx(hinge.item(), rel=1e-4)
+    relabelled = torch.where(b["harmful"]["labels"] != -100, e, -100)
+    assert logs["collapse_loss_harmful_at_theta"] == pytest.approx(token_ce(logits, relabelled).item(), rel=1e-4)
+    g_d = _grads(model, d.params, hinge)
+    assert sum(float(g.abs().sum()) for g in g_d) > 0
+    for x, y, g in zip(got, plain, g_d):
+        torch.testing.assert_close(x, y + scale * nu * g, rtol=1e-4, atol=1e-7)
+    if second_order:
+        return
+    for p in d.params:
+        p.grad = None
+    probed = d.probe(b)
+    for key in ("dormancy_harmful_loss", "collapse_loss_harmful_at_theta"):
+        assert probed[key] == pytest.approx(logs[key], rel=1e-5)
+    assert all(p.grad is None for p in d.params)
+
+
+def test_dormancy_on_harmful_answers_acts_at_refresh_steps_in_amortized_mode():
+    """With trap_every = k the harmful pass, and so the hinge on its answers, runs at the refresh
+    micro-steps only; in between the step's gradient is the amortized one's without it."""
+    model, tok = _model()
+    b = _batches(tok)
+    e = _defense(model, tok).token
+    bound = _median_bound(model, b["harmful"], e)
+    runs = []
+    for nu in (0.0, 2.0):
+        d = _defense(model, tok, alpha=0.5, trap_every=2, dormancy_harmful=nu, dormancy_bound=bound)
+        steps = []
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = None
+            steps.append(_accumulate_restored(d, b))
+        runs.append(steps)
+    (plain_refresh, plain_reuse), (refresh, reuse) = runs
+    assert refresh[0]["dormancy_harmful_loss"] > 0 and "dormancy_harmful_loss" not in reuse[0]
+    assert any(not torch.equal(x, y) for x, y in zip(refresh[1], plain_refresh[1]))
+    assert all(torch.equal(x, y) for x, y in zip(reuse[1], plain_reuse[1]))
+
+
 def test_bad_dormancy_is_rejected_and_old_hashes_stay():
     from inoculate import pipeline
     from inoculate.config import ConfigError
 
-    for bad in (-1.0, "much", True):
-        with pytest.raises(ConfigError, match="ctrap.dormancy must be"):
-            CTRAPConfig(dormancy=bad)
+    for name in ("dormancy", "dormancy_harmful"):
+        for bad in (-1.0, "much", True):
+            with pytest.raises(ConfigError, match=f"ctrap.{name} must be"):
+                CTRAPConfig(**{name: bad})
+        with pytest.raises(ConfigError, match=f"ctrap.{name} is defined for collapse_target=token"):
+            CTRAPConfig(**{name: 1.0}, collapse_target="uniform")
     for bad in (0.0, 1.0, 2.0):
         with pytest.raises(ConfigError, match="dormancy_bound must be a probability"):
             CTRAPConfig(dormancy=1.0, dormancy_bound=bad)
-    with pytest.raises(ConfigError, match="collapse_target=token"):
-        CTRAPConfig(dormancy=1.0, collapse_target="uniform")
     values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
     _, dcfg, resolved = pipeline.align_config(values)
     assert dcfg.dormancy == 0.0 and "dormancy" not in resolved["ctrap"]
+    assert dcfg.dormancy_harmful == 0.0 and "dormancy_harmful" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.dormancy": "0.5", "ctrap.dormancy_bound": "0.01"})
     assert (dcfg.dormancy, dcfg.dormancy_bound) == (0.5, 0.01)
     assert resolved["ctrap"]["dormancy"] == 0.5

@@ -155,9 +155,9 @@ class Defense:
             else:
                 p.grad.add_(g, alpha=scale)
 
-    def backward(self, loss: torch.Tensor, scale: float) -> None:
+    def backward(self, loss: torch.Tensor, scale: float, retain_graph: bool = False) -> None:
         """Plain backward of scale*loss into p.grad (cheapest when nothing else is needed)."""
-        (loss * scale).backward()
+        (loss * scale).backward(retain_graph=retain_graph)
 
     def lookahead_due(self, every: int, cached) -> bool:
         """Amortized look-ahead modes: whether this micro-step recomputes the cached look-ahead

@@ -86,6 +86,10 @@ token at θ, one simulated step away; on SmolLM2 the collapse leaked into θ whe
 near enough for an attacker to reach (docs/methods/ctrap-smollm2.md, rounds 1, 4, 10). This term
 pushes the collapse token down at θ wherever it is more likely than τ, so both terms can only be
 met by a model whose collapse token rises along the harmful step, which is the trap.
+`dormancy_harmful=ν_h > 0` adds the same hinge, weighted ν_h, on the harmful batch's answer
+positions at θ, from Step 1's logits (one more backward through that pass, no extra forward): the
+attacker's own answers then carry no collapse token before the attack, so its cross-entropy does
+not push the collapse token down from its first step (round 24 of docs/methods/ctrap-smollm2.md).
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
@@ -184,14 +188,20 @@ class CTRAPConfig(DefenseConfig):
                                "alignment pass's logits (no extra pass), so the collapse the trap term "
                                "pulls toward θ' is pushed out of θ itself; collapse_target=token only")
     dormancy_bound: float = doc(1e-3, "τ, the collapse token's probability at θ above which the dormancy "
-                                      "term acts (dormancy > 0)")
+                                      "term acts (dormancy > 0 or dormancy_harmful > 0)")
+    dormancy_harmful: float = doc(0.0, "ν_h, DEVIATION from the paper/official code (0 = theirs): weight of "
+                                       "the same hinge on the harmful batch's answer positions at θ, from "
+                                       "Step 1's logits (no extra forward, one more backward through that "
+                                       "pass), so the attacker's own answers carry no collapse token before "
+                                       "the attack; collapse_target=token only")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
     later_fields: ClassVar[tuple] = ("trap_steps", "step_direction", "benign_guard", "project_out_general",
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
-                                     "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed")
+                                     "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
+                                     "dormancy_harmful")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -254,15 +264,17 @@ class CTRAPConfig(DefenseConfig):
             raise ConfigError(f"ctrap.project_out_general must be true or false, got {self.project_out_general!r}")
         if self.second_order and self.project_out_general:
             raise ConfigError("ctrap.second_order and project_out_general do not combine (first order only)")
-        if isinstance(self.dormancy, bool) or not isinstance(self.dormancy, (int, float)) \
-                or not self.dormancy >= 0:
-            raise ConfigError(f"ctrap.dormancy must be a number >= 0, got {self.dormancy!r}")
+        for name in ("dormancy", "dormancy_harmful"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"ctrap.{name} must be a number >= 0, got {value!r}")
         if isinstance(self.dormancy_bound, bool) or not isinstance(self.dormancy_bound, (int, float)) \
                 or not 0 < self.dormancy_bound < 1:
             raise ConfigError(f"ctrap.dormancy_bound must be a probability in (0, 1), got {self.dormancy_bound!r}")
-        if self.dormancy and self.collapse_target != "token":
-            raise ConfigError(f"ctrap.dormancy is defined for collapse_target=token (a collapse token's "
-                              f"probability at θ); got collapse_target={self.collapse_target!r}")
+        for name in ("dormancy", "dormancy_harmful"):
+            if getattr(self, name) and self.collapse_target != "token":
+                raise ConfigError(f"ctrap.{name} is defined for collapse_target=token (a collapse token's "
+                                  f"probability at θ); got collapse_target={self.collapse_target!r}")
 
 
 def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
@@ -495,8 +507,7 @@ class CTRAP(Defense):
                 away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
             harmful = self.harmful_batches(batches["harmful"])
             # Step 1: harmful gradient at θ (not into p.grad)
-            loss_h = self.lm_loss(harmful[0])
-            g_h = self.grads(loss_h)
+            g_h = self._harmful_at_theta(harmful[0], scale, logs)
             if away is not None:
                 logs["harmful_general_cos"] = cosine(g_h, away)
             moments = {}  # step_direction=adam|lora: the simulated trajectory's Adam state
@@ -504,8 +515,6 @@ class CTRAP(Defense):
             del g_h
             self.cached_trap = None  # the old cache goes before the new one is built
             # Steps 2-3: collapse gradient at θ' (the direction is freed once applied), then exact restore
-            logs["harmful_loss"] = loss_h.item()
-            del loss_h
             logs.update(self._trap_first_order(direction, step, harmful, trap_batch, scale, away,
                                                moments=moments))
             del moments
@@ -536,6 +545,35 @@ class CTRAP(Defense):
             logs["trap_gap"] = self.trap_gap(logs)
         return logs
 
+    def _harmful_at_theta(self, harmful: dict, scale: float, logs: dict, create_graph: bool = False):
+        """Step 1: the harmful loss's gradient at θ (not into p.grad). With
+        dormancy_harmful = ν_h > 0 the hinge on the same logits, ν_h·D(θ; harmful answers), goes
+        into p.grad first (one more backward through the pass, whose graph it keeps; in amortized
+        mode only at the refresh micro-steps, where the harmful pass runs). Logs the hinge as
+        dormancy_harmful_loss and the collapse loss on the harmful answers at θ as
+        collapse_loss_harmful_at_theta."""
+        c = self.config
+        logits, labels = self.answer_logits(harmful)
+        loss_h = token_ce(logits, labels)
+        logs.update(self._harmful_logs(logits, labels, loss_h))
+        if c.dormancy_harmful:  # first, keeping the graph for the harmful gradient
+            self.backward(dormancy_loss(logits, labels, self.token, c.dormancy_bound),
+                          scale * c.dormancy_harmful, retain_graph=True)
+        return self.grads(loss_h, retain_graph=create_graph, create_graph=create_graph)
+
+    def _harmful_logs(self, logits, labels, loss_h) -> dict:
+        """Dormancy on the harmful answers at θ: harmful_loss, collapse_loss_harmful_at_theta
+        (the collapse loss on the same logits) and, with dormancy_harmful, the hinge
+        dormancy_harmful_loss."""
+        with torch.no_grad():
+            logits = logits.detach()
+            logs = {"harmful_loss": loss_h.item(),
+                    "collapse_loss_harmful_at_theta": self._collapse_at_theta(logits, labels, loss_h.item())}
+            if self.config.dormancy_harmful:
+                logs["dormancy_harmful_loss"] = dormancy_loss(logits, labels, self.token,
+                                                              self.config.dormancy_bound).item()
+        return logs
+
     def probe(self, batches, at_point=None):
         """The trap on held-out batches (the alignment monitor): the same simulated harmful
         step(s) as training (first order; with second_order the point θ' is the same), on the
@@ -561,8 +599,10 @@ class CTRAP(Defense):
         if c.project_out_general:
             away = [g.detach() for g in self.grads(self.lm_loss(batches["general"]))]
         harmful = self.harmful_batches(batches["harmful"])
-        loss_h = self.lm_loss(harmful[0])
-        logs["harmful_loss"] = loss_h.item()
+        logits, labels = self.answer_logits(harmful[0])
+        loss_h = token_ce(logits, labels)
+        logs.update(self._harmful_logs(logits, labels, loss_h))
+        del logits
         g_h = self.grads(loss_h)
         del loss_h
         if away is not None:
@@ -710,9 +750,8 @@ class CTRAP(Defense):
         from torch.func import functional_call
 
         c = self.config
-        loss_h = self.lm_loss(harmful)
-        g_h = torch.autograd.grad(loss_h, self.params, create_graph=True, allow_unused=True)
-        g_h = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g_h)]
+        logs = {}
+        g_h = self._harmful_at_theta(harmful, scale, logs, create_graph=True)
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in g_h))
         factor = c.alpha / (norm + 1e-7) if c.normalize else c.alpha
         moved = {n: p - factor * g for n, p, g in zip(self._names, self.params, g_h)}
@@ -721,4 +760,4 @@ class CTRAP(Defense):
                                          "attention_mask": trap_batch["attention_mask"]}).logits
         loss_c = self.collapse(logits, trap_batch["labels"])
         self.add_to_grad(self.grads(loss_c), scale * c.lambda_collapse)
-        return {"harmful_loss": loss_h.item(), "collapse_loss": loss_c.item()}
+        return {**logs, "collapse_loss": loss_c.item()}
