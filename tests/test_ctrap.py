@@ -1040,6 +1040,22 @@ def test_point_logs_name_each_point_and_the_deepest():
     unread = CTRAP._point_logs([{"collapse_token_share": nan}, {"x": 1.0}])
     assert "point/deepest_step" not in unread and unread["point/x"] == 1.0
     assert CTRAP._point_logs([]) == {}
+    # the uniform and random targets write no collapse token: their deepest point is the most degenerate
+    points = [{"collapse_token_share": 0.5, "degenerate_rate": 0.25}, {"collapse_token_share": 0.0, "degenerate_rate": 1.0}]
+    assert CTRAP._point_logs(points)["point/deepest_step"] == 1
+    assert CTRAP._point_logs(points, "degenerate_rate")["point/deepest_step"] == 2
+
+
+@pytest.mark.parametrize("target,deepest", [("token", 1), ("uniform", 2), ("random", 2)])
+def test_probe_deepest_point_follows_the_collapse_target(target, deepest):
+    """The probe's point/deepest/ is the point with the most "error" for the token target and the
+    most degenerate answers for the uniform and random targets, which write no collapse token."""
+    model, tok = _model()
+    d = _defense(model, tok, alpha=0.5, trap_steps=2, collapse_target=target)
+    answers = iter([{"collapse_token_share": 0.5, "degenerate_rate": 0.0},
+                    {"collapse_token_share": 0.0, "degenerate_rate": 0.75}])
+    probed = d.probe(_batches(tok), at_point=lambda: next(answers))
+    assert probed["point/deepest_step"] == deepest
 
 
 @pytest.mark.parametrize("options", [{}, {"trap_steps": 2, "step_direction": "sign", "project_out_general": True},

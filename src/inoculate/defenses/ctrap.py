@@ -682,18 +682,21 @@ class CTRAP(Defense):
                 del loss_c
                 if at_point is not None:
                     points.append(at_point())
-        logs = {"collapse_loss": sum(collapse_losses) / K, **self._point_logs(points)}
+        depth = "collapse_token_share" if c.collapse_target == "token" else "degenerate_rate"
+        logs = {"collapse_loss": sum(collapse_losses) / K, **self._point_logs(points, depth)}
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
         return logs
 
     @staticmethod
-    def _point_logs(points: list) -> dict:
+    def _point_logs(points: list, depth: str = "collapse_token_share") -> dict:
         """`at_point()`'s values at the simulated points θ_1..θ_K as logged keys: point/<key> at
         θ_K; with K > 1 also point/step<k>/<key> at each θ_k, and point/deepest/<key> at the point
-        whose greedy answers hold the largest collapse-token share (the first of ties; NaN, no
-        answers, counts as none), point/deepest_step its k. A trap whose simulated attacker
+        whose greedy answers hold the largest `depth` value (the first of ties; NaN, no answers,
+        counts as none), point/deepest_step its k. `depth` is the collapse-token share for the
+        token target and the degenerate rate for the uniform and random ones, which write no
+        collapse token. A trap whose simulated attacker
         leaves the collapse again by θ_K is collapsed at an earlier point: selecting on θ_K's
         share alone kept a shallow step in round 21 (docs/methods/ctrap-smollm2.md)."""
         if not points:
@@ -702,7 +705,7 @@ class CTRAP(Defense):
         if len(points) > 1:
             for i, point in enumerate(points, 1):
                 logs.update({f"point/step{i}/{k}": v for k, v in point.items()})
-            shares = [p.get("collapse_token_share") for p in points]
+            shares = [p.get(depth) for p in points]
             shares = [x if isinstance(x, float) and not math.isnan(x) else -math.inf for x in shares]
             if max(shares) > -math.inf:
                 deepest = shares.index(max(shares))
