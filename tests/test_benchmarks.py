@@ -1,4 +1,4 @@
-"""benchmarks/step_cost.py and eval_throughput.py on the tiny model: the rows exist and carry what
+"""benchmarks/step_cost.py, eval_throughput.py and bf16_cost.py on the tiny model: the rows exist and carry what
 they claim (no timing is asserted; the ratios are only checked to be measured)."""
 import json
 import os
@@ -93,3 +93,14 @@ def test_step_cost_profile_counts_operators_and_autocast_casts():
         assert by_defense["ctrap"]["operators_per_step"] > 2 * by_defense["sft"]["operators_per_step"] > 0
     for name in ("sft", "ctrap"):
         assert rows["true"][name]["casts_per_step"] > rows["false"][name]["casts_per_step"]
+
+
+def test_bf16_cost_row():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_cost.py"), "--model", "tiny-llama",
+                          "--steps", "1", "--max-length", "16", "--batch-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["device"] == "cpu" and isinstance(row["native_bf16"], bool)
+    assert row["fp32_seconds_per_step"] > 0 and row["bf16_seconds_per_step"] > 0
+    assert row["bf16_time_ratio_vs_fp32"] == row["bf16_seconds_per_step"] / row["fp32_seconds_per_step"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inoculate import pipeline, runs
+from inoculate import pipeline, runs, training
 from inoculate.defenses.sft import SFT, SFTConfig
 from inoculate.models import load_model
 from inoculate.runs import RunDirError
@@ -73,6 +73,21 @@ def test_stream_resume_position_reproduces_the_order():
 def test_stream_rejects_empty_data():
     with pytest.raises(ValueError, match="'align' has no examples"):
         Stream("align", [], 2, pad_id=0, seed=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog, native):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    training._warn_emulated_bf16.cache_clear()
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="inoculate.training"):
+        assert training.use_bf16(TrainingArgs(bf16="true"), cpu)
+        assert training.use_bf16(TrainingArgs(bf16="true"), cpu)
+        assert not training.use_bf16(TrainingArgs(bf16="auto"), cpu), "auto is off on a CPU"
+        assert not training.use_bf16(TrainingArgs(bf16="false"), cpu)
+    warned = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1), warned
+    training._warn_emulated_bf16.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------
