@@ -363,6 +363,38 @@ def test_dry_run_prints_the_cells_and_runs_nothing(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "embeding" in result.stderr
 
 
+def test_set_overrides_fields_of_the_experiment_file(tmp_path, monkeypatch):
+    """`inoculate run --set`: dotted paths into the file, a row name with a dot of its own
+    matched whole, values read as YAML, bad paths and values named in the error."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "check_monitor_apart", lambda align, evaluate: None)
+    spec = {**SPEC, "defenses": {"sft": {}, "ctrap-l0.3": {"defense": "ctrap", "ctrap": {"alpha": 0.2}}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    got = load_experiment(str(path), overrides={"align.bf16": "false", "attack.max_steps": "3",
+                                                 "defenses.ctrap-l0.3.ctrap.alpha": "0.05",
+                                                 "evaluate.judge": "keyword", "seeds": "[7]"})
+    assert got["align"] == {"max_steps": 2, "bf16": False} and got["attack"]["max_steps"] == 3
+    assert got["defenses"]["ctrap-l0.3"]["ctrap"] == {"alpha": 0.05} and got["seeds"] == [7]
+    cells = expand(got)
+    assert {c.key.split("/")[1] for c in cells} == {"s7"}
+    assert all(c.align["bf16"] is False for c in cells)
+    assert expand(load_experiment(str(path)))[0].align.get("bf16") is None, "the file itself is unchanged"
+    with pytest.raises(ConfigError, match=r"--set align.max_steps.x: align.max_steps is 2 in the file"):
+        load_experiment(str(path), overrides={"align.max_steps.x": "1"})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(str(path), overrides={"seeds": "[1"})
+    with pytest.raises(ConfigError, match="unknown field.*bf61"):  # a typo is caught when the grid is built
+        expand(load_experiment(str(path), overrides={"align.bf61": "false"}))
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--set", "align.max_steps=5",
+                                       "--set", "defenses.ctrap-l0.3.max_steps=6"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert any(l.endswith(" sft/s1/none: align sft, 5 steps") for l in result.stdout.splitlines())
+    assert any(l.endswith(" ctrap-l0.3/s1/none: align ctrap, 6 steps") for l in result.stdout.splitlines())
+    bad = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--set", "align.bf16"])
+    assert bad.exit_code == 2 and "not of the form key=value" in bad.stderr
+
+
 def test_data_dir_reaches_every_stage(tmp_path):
     """--data-dir replaces the file's data_dir in every align, attack (chain rounds too) and
     evaluate config."""

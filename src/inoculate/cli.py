@@ -179,21 +179,27 @@ def evaluate(model, suite, data, judge, out, config, sets, overwrite, data_dir, 
               help="read every source from this local folder (replaces the file's data_dir)")
 @click.option("--dry-run", "dry_run", is_flag=True,
               help="print the cells and what each one runs, validate the configs, run nothing")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a field of the file by its dotted path (align.bf16=false, "
+                   "defenses.ROW.ctrap.alpha=0.02); repeatable")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def run_(experiment, only, gpus, workers_per_gpu, cluster, data_dir, dry_run, quiet):
+def run_(experiment, only, gpus, workers_per_gpu, cluster, data_dir, dry_run, sets, quiet):
     """Run an experiment grid (defenses x attacks x seeds), then write its report.
 
     Finished stages are reused and a killed run resumes: rerun the same command. With --gpus,
     the cells of different (defense, seed) groups run at the same time, one worker process per
     GPU (CUDA_VISIBLE_DEVICES set to its id; --workers-per-gpu N: N per GPU); with --cluster
     slurm, one Slurm job per group (submitit; `local` runs the jobs as local processes, `debug`
-    in this process); without either, one cell after another."""
+    in this process); without either, one cell after another. --set changes the file's fields
+    for this run (OUT/experiment.yaml records them): e.g. --set align.bf16=false
+    attack.bf16=false on a CPU without native bf16."""
     from .experiment import describe, expand, load_experiment, read_results, run_experiment
     from .report import summary_table, write_report
 
+    overrides = _run_guarded(lambda: parse_overrides(sets))
     if dry_run:
         def show():
-            spec = load_experiment(experiment, data_dir=data_dir)
+            spec = load_experiment(experiment, data_dir=data_dir, overrides=overrides)
             return describe(spec, expand(spec), only=only)
 
         click.echo(_run_guarded(show))
@@ -201,7 +207,7 @@ def run_(experiment, only, gpus, workers_per_gpu, cluster, data_dir, dry_run, qu
     gpu_ids = None if gpus is None else [g.strip() for g in gpus.split(",")]
     out = _run_guarded(lambda: run_experiment(experiment, progress=not quiet, only=only, gpus=gpu_ids,
                                               cluster=cluster, data_dir=data_dir,
-                                              workers_per_gpu=workers_per_gpu))
+                                              workers_per_gpu=workers_per_gpu, overrides=overrides))
     report = write_report(out)
     click.echo(summary_table(read_results(out)))
     click.echo(f"\nresults: {out / 'results.jsonl'}\nreport:  {report}")

@@ -106,17 +106,50 @@ class Cell:
         return f"{self.defense}/s{self.seed}/{self.attack}"
 
 
-def load_experiment(path: str, data_dir: Optional[str] = None) -> dict:
+def load_experiment(path: str, data_dir: Optional[str] = None,
+                    overrides: Optional[dict[str, str]] = None) -> dict:
     """The experiment file as a dict, with `name` and `out` filled in. data_dir (the command
     line's --data-dir) replaces the file's `data_dir`: every stage of every cell reads its
-    sources from that folder."""
+    sources from that folder. overrides (the command line's --set, see set_field) are applied
+    before `name` and `out` are filled in."""
     p = Path(path)
     spec = load_yaml(path, what="experiment file")
+    for dotted, text in (overrides or {}).items():
+        set_field(spec, dotted, text)
     spec.setdefault("name", p.stem)
     spec.setdefault("out", str(Path("runs") / spec["name"]))
     if data_dir is not None:
         spec["data_dir"] = str(data_dir)
     return spec
+
+
+def set_field(spec: dict, dotted: str, text: str) -> None:
+    """`inoculate run --set KEY=VALUE`: KEY is a dotted path into the experiment file
+    (`align.bf16`, `defenses.ROW.ctrap.alpha`); a key with dots of its own, such as a row named
+    `ctrap-l0.3`, is matched whole where the file has it. Missing mappings on the way are
+    created; VALUE is read as YAML (false, 0.02, [48, 49])."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {dotted}={text}: the value is not valid YAML") from None
+    parts, node, path = dotted.split("."), spec, []
+    while True:
+        # the longest run of parts that names a key here, else the first part alone
+        n = next((n for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in node), 1)
+        key, parts = ".".join(parts[:n]), parts[n:]
+        path.append(key)
+        if not key:
+            raise ConfigError(f"--set {dotted}: empty key")
+        if not parts:
+            node[key] = value
+            return
+        child = node.setdefault(key, {})
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(path)} is {child!r} in the file, not a mapping "
+                              f"of fields (write it as a mapping to override inside it)")
+        node = child
 
 
 def describe(spec: dict, cells: list, only: Optional[str] = None) -> str:
@@ -313,15 +346,17 @@ def _slug(text: str) -> str:
 
 def run_experiment(path: str, progress: bool = True, only: Optional[str] = None,
                    gpus: Optional[list[str]] = None, runner=None, data_dir: Optional[str] = None,
-                   cluster: Optional[str] = None, workers_per_gpu: int = 1) -> Path:
+                   cluster: Optional[str] = None, workers_per_gpu: int = 1,
+                   overrides: Optional[dict[str, str]] = None) -> Path:
     """Run every cell (reusing finished stages) and write OUT/results.jsonl.
 
     gpus: run (defense, seed) groups concurrently, workers_per_gpu worker processes per GPU id
     (see run_parallel). cluster: "slurm", "local" or "debug": one submitit job per group (see
     run_cluster). Neither: the cells run one after another here. runner: the function that runs
     one cell (default run_cell; a module-level function when gpus are given). data_dir: read
-    every source from this folder (replaces the file's data_dir)."""
-    spec = load_experiment(path, data_dir=data_dir)
+    every source from this folder (replaces the file's data_dir). overrides: `--set` fields
+    (see set_field); OUT/experiment.yaml records the file with them applied."""
+    spec = load_experiment(path, data_dir=data_dir, overrides=overrides)
     cells = expand(spec)
     if gpus is not None and cluster is not None:
         raise ConfigError("--gpus and --cluster do not combine: with --cluster every job gets its GPU "
