@@ -1249,3 +1249,86 @@ def test_bad_dormancy_is_rejected_and_old_hashes_stay():
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.dormancy": "0.5", "ctrap.dormancy_bound": "0.01"})
     assert (dcfg.dormancy, dcfg.dormancy_bound) == (0.5, 0.01)
     assert resolved["ctrap"]["dormancy"] == 0.5
+
+
+def test_collapse_margin_loss_is_softplus_of_the_margin_minus_the_log_odds():
+    """collapse_margin = m: the mean over answer positions of softplus(m − d), d = log p/(1 − p)
+    of the collapse token, written out position by position in float64; m = 0 is the CE to the
+    token; where the token is near certain the CE has stopped pushing and the margin loss has not."""
+    from inoculate.defenses.ctrap import token_log_odds
+
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 11) * 3
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 2, 2, -100, -100]])
+    d_hand = []
+    for i in range(2):
+        for t in range(1, 5):
+            if labels[i, t] != -100:
+                p = torch.softmax(logits[i, t - 1].double(), -1)[7]
+                d_hand.append(torch.log(p) - torch.log1p(-p))
+    d_hand = torch.stack(d_hand)
+    torch.testing.assert_close(token_log_odds(logits, labels, 7).double(), d_hand, rtol=1e-5, atol=1e-5)
+    for m in (0.0, 3.0):
+        want = F.softplus(m - d_hand).mean()
+        assert collapse_loss(logits, labels, "token", 7, margin=m).item() == pytest.approx(want.item(), rel=1e-5)
+    assert collapse_loss(logits, labels, "token", 7, margin=0.0).item() == pytest.approx(
+        collapse_loss(logits, labels, "token", 7).item(), rel=1e-5)
+    # near certain (log-odds 30): the CE's gradient has vanished, the margin's at m = 40 has not
+    peaked = torch.zeros(2, 5, 11)
+    peaked[..., 7] = 30.0
+    for m, pushes in ((0.0, False), (40.0, True)):
+        x = peaked.clone().requires_grad_(True)
+        collapse_loss(x, labels, "token", 7, margin=m).backward()
+        assert (float(x.grad.abs().max()) > 0.01) is pushes
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_collapse_margin_gradient_matches_the_margin_loss_at_the_simulated_point(lora):
+    """With collapse_margin = m the step's gradient is the alignment gradient at θ plus λ·∇ of
+    softplus(m − d) at θ' (the same simulated step as the official one); collapse_loss still logs
+    the CE to the token at θ', and θ is restored bit-exactly."""
+    model, tok = _model(lora)
+    b = _batches(tok)
+    m, lam, alpha = 4.0, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, collapse_margin=m)
+    logs, got = _accumulate_restored(d, b)
+    params, e = d.params, d.token
+    before = [p.detach().clone() for p in params]
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_h = _grads(model, params, token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"]))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+    with torch.no_grad():
+        for p, g in zip(params, g_h):
+            p.sub_(alpha * g / (norm + 1e-7))
+    logits = _fwd(model, retain)
+    mask = retain["labels"][:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1][mask].float(), -1)[:, e]
+    log_odds = logp - torch.log(-torch.expm1(logp))
+    g_c = _grads(model, params, F.softplus(m - log_odds).mean())
+    ce = token_ce(logits, torch.where(retain["labels"] != -100, e, -100))
+    assert logs["collapse_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    with torch.no_grad():
+        for p, q in zip(params, before):
+            p.copy_(q)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    assert sum(float(g.abs().sum()) for g in g_c) > 0
+    for x, a, c in zip(got, g_a, g_c):
+        torch.testing.assert_close(x, a + lam * c, rtol=1e-4, atol=1e-7)
+    # the held-out probe logs the same CE
+    assert d.probe(b)["collapse_loss"] == pytest.approx(logs["collapse_loss"], rel=1e-5)
+
+
+def test_bad_collapse_margin_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-1.0, "deep", True):
+        with pytest.raises(ConfigError, match="ctrap.collapse_margin must be"):
+            CTRAPConfig(collapse_margin=bad)
+    with pytest.raises(ConfigError, match="ctrap.collapse_margin is defined for collapse_target=token"):
+        CTRAPConfig(collapse_margin=2.0, collapse_target="random")
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.collapse_margin == 0.0 and "collapse_margin" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_margin": "12"})
+    assert dcfg.collapse_margin == 12.0 and resolved["ctrap"]["collapse_margin"] == 12.0

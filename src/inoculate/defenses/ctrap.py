@@ -194,6 +194,13 @@ class CTRAPConfig(DefenseConfig):
                                        "Step 1's logits (no extra forward, one more backward through that "
                                        "pass), so the attacker's own answers carry no collapse token before "
                                        "the attack; collapse_target=token only")
+    collapse_margin: float = doc(0.0, "m, DEVIATION from the paper/official code (0 = theirs): with "
+                                      "collapse_target=token the collapse term becomes the mean over answer "
+                                      "positions of softplus(m − d), d = the collapse token's logit minus the "
+                                      "log-sum-exp of all other logits (its log-odds); m = 0 is exactly the "
+                                      "CE to the token, which stops pushing once the token is likely, while "
+                                      "m > 0 keeps pushing until its log-odds reach about m nats, so the "
+                                      "simulated point collapses m nats deep; collapse_loss still logs the CE")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -201,7 +208,7 @@ class CTRAPConfig(DefenseConfig):
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-                                     "dormancy_harmful")
+                                     "dormancy_harmful", "collapse_margin")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -271,7 +278,10 @@ class CTRAPConfig(DefenseConfig):
         if isinstance(self.dormancy_bound, bool) or not isinstance(self.dormancy_bound, (int, float)) \
                 or not 0 < self.dormancy_bound < 1:
             raise ConfigError(f"ctrap.dormancy_bound must be a probability in (0, 1), got {self.dormancy_bound!r}")
-        for name in ("dormancy", "dormancy_harmful"):
+        if isinstance(self.collapse_margin, bool) or not isinstance(self.collapse_margin, (int, float)) \
+                or not self.collapse_margin >= 0:
+            raise ConfigError(f"ctrap.collapse_margin must be a number >= 0, got {self.collapse_margin!r}")
+        for name in ("dormancy", "dormancy_harmful", "collapse_margin"):
             if getattr(self, name) and self.collapse_target != "token":
                 raise ConfigError(f"ctrap.{name} is defined for collapse_target=token (a collapse token's "
                                   f"probability at θ); got collapse_target={self.collapse_target!r}")
@@ -294,8 +304,12 @@ def cosine(a: list, b: list) -> float:
 
 
 def collapse_loss(logits: torch.Tensor, labels: torch.Tensor, target: str, token: int,
-                  distribution: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over answer positions (labels != -100) of the cross-entropy to the collapse target."""
+                  distribution: Optional[torch.Tensor] = None, margin: float = 0.0) -> torch.Tensor:
+    """Mean over answer positions (labels != -100) of the cross-entropy to the collapse target;
+    for the token target with margin m > 0, of softplus(m − d), d the token's log-odds
+    (token_log_odds), which is the CE at m = 0."""
+    if target == "token" and margin:
+        return F.softplus(margin - token_log_odds(logits, labels, token)).mean()
     if target == "token":
         return token_ce(logits, torch.where(labels != IGNORE_INDEX, token, IGNORE_INDEX))
     shift_logits = logits[:, :-1, :].float()
@@ -304,6 +318,18 @@ def collapse_loss(logits: torch.Tensor, labels: torch.Tensor, target: str, token
     if target == "uniform":
         return -logp.mean(dim=-1).mean()
     return -(logp * distribution.to(logp.device)).sum(dim=-1).mean()
+
+
+def token_log_odds(logits: torch.Tensor, labels: torch.Tensor, token: int) -> torch.Tensor:
+    """At each answer position (labels != -100), the collapse token's next-token log-odds
+    d = z_token − logsumexp(z_j, j ≠ token) = log p/(1 − p), computed without forming 1 − p, which
+    underflows where the token is near certain; CE to the token is softplus(−d)."""
+    z = logits[:, :-1, :][labels[:, 1:] != IGNORE_INDEX].float()
+    if z.shape[0] == 0:
+        raise ValueError("batch has no answer tokens to train on (all labels are -100); "
+                         "check max_length and the data's answers")
+    others = z.index_fill(-1, torch.tensor([token], device=z.device), -math.inf)
+    return z[:, token] - torch.logsumexp(others, dim=-1)
 
 
 def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token: int, bound: float) -> torch.Tensor:
@@ -408,7 +434,17 @@ class CTRAP(Defense):
         return sites
 
     def collapse(self, logits, labels):
-        return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution)
+        return collapse_loss(logits, labels, self.config.collapse_target, self.token, self.distribution,
+                             self.config.collapse_margin)
+
+    def _collapse_logs(self, logits, labels, loss_c) -> float:
+        """The collapse loss to log for a collapse term `loss_c` on these logits: `loss_c` itself,
+        or with collapse_margin its CE to the token (from the same logits, no extra pass), so that
+        collapse_loss and trap_gap read the same with and without the margin."""
+        if not self.config.collapse_margin:
+            return loss_c.item()
+        with torch.no_grad():
+            return F.softplus(-token_log_odds(logits.detach(), labels, self.token)).mean().item()
 
     def simulated_step(self, g_h, away: Optional[list] = None,
                        moments: Optional[dict] = None) -> tuple[list, float]:
@@ -667,8 +703,10 @@ class CTRAP(Defense):
                     del loss_h
                     self._step_further(direction, step)
                 with torch.set_grad_enabled(apply and torch.is_grad_enabled()):
-                    loss_c = self.collapse(*self.answer_logits(trap_batch))
-                collapse_losses.append(loss_c.item())
+                    logits, labels = self.answer_logits(trap_batch)
+                    loss_c = self.collapse(logits, labels)
+                collapse_losses.append(self._collapse_logs(logits, labels, loss_c))
+                del logits
                 if apply and c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse / K)
                 elif apply:
@@ -763,4 +801,4 @@ class CTRAP(Defense):
                                          "attention_mask": trap_batch["attention_mask"]}).logits
         loss_c = self.collapse(logits, trap_batch["labels"])
         self.add_to_grad(self.grads(loss_c), scale * c.lambda_collapse)
-        return {**logs, "collapse_loss": loss_c.item()}
+        return {**logs, "collapse_loss": self._collapse_logs(logits, trap_batch["labels"], loss_c)}
