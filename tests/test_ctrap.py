@@ -459,7 +459,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-        "dormancy_harmful"}
+        "dormancy_harmful", "collapse_margin"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
