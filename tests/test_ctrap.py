@@ -1273,6 +1273,8 @@ def test_collapse_margin_loss_is_softplus_of_the_margin_minus_the_log_odds():
         assert collapse_loss(logits, labels, "token", 7, margin=m).item() == pytest.approx(want.item(), rel=1e-5)
     assert collapse_loss(logits, labels, "token", 7, margin=0.0).item() == pytest.approx(
         collapse_loss(logits, labels, "token", 7).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        collapse_loss(logits, torch.full_like(labels, -100), "token", 7, margin=3.0)
     # near certain (log-odds 30): the CE's gradient has vanished, the margin's at m = 40 has not
     peaked = torch.zeros(2, 5, 11)
     peaked[..., 7] = 30.0

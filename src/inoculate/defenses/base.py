@@ -224,14 +224,17 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+NO_ANSWER_TOKENS = ("batch has no answer tokens to train on (all labels are -100); "
+                    "check max_length and the data's answers")
+
+
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Causal-LM cross-entropy: position t predicts token t+1; mean over non-ignored targets."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     n = (shift_labels != IGNORE_INDEX).sum()
     if n == 0:
-        raise ValueError("batch has no answer tokens to train on (all labels are -100); "
-                         "check max_length and the data's answers")
+        raise ValueError(NO_ANSWER_TOKENS)
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum") / n
 

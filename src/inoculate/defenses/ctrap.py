@@ -110,7 +110,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id
-from .base import Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
+from .base import NO_ANSWER_TOKENS, Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
 COLLAPSE_DATA = ("retain", "general")
@@ -326,8 +326,7 @@ def token_log_odds(logits: torch.Tensor, labels: torch.Tensor, token: int) -> to
     underflows where the token is near certain; CE to the token is softplus(−d)."""
     z = logits[:, :-1, :][labels[:, 1:] != IGNORE_INDEX].float()
     if z.shape[0] == 0:
-        raise ValueError("batch has no answer tokens to train on (all labels are -100); "
-                         "check max_length and the data's answers")
+        raise ValueError(NO_ANSWER_TOKENS)
     others = z.index_fill(-1, torch.tensor([token], device=z.device), -math.inf)
     return z[:, token] - torch.logsumexp(others, dim=-1)
 
