@@ -459,7 +459,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-        "dormancy_harmful", "collapse_margin"}
+        "dormancy_harmful", "collapse_margin", "collapse_rms"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1334,3 +1334,136 @@ def test_bad_collapse_margin_is_rejected_and_old_hashes_stay():
     assert dcfg.collapse_margin == 0.0 and "collapse_margin" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_margin": "12"})
     assert dcfg.collapse_margin == 12.0 and resolved["ctrap"]["collapse_margin"] == 12.0
+
+
+def _last_residual(model, run):
+    """(run()'s result, the last decoder layer's output): the final norm's input, taken from the
+    layer before it rather than from the norm, which the defense hooks."""
+    from inoculate.defenses._layers import decoder_layers, first_tensor
+
+    seen = []
+    handle = decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: seen.append(first_tensor(out)))
+    try:
+        return run(), seen[-1]
+    finally:
+        handle.remove()
+
+
+def test_rms_loss_is_softplus_of_log_target_over_the_answer_rms():
+    """collapse_rms = R: the mean over answer-predicting positions of softplus(log R − log r_t),
+    r_t the RMS over features, written out position by position in float64; it pulls r_t up
+    while r_t < R and fades above."""
+    from inoculate.defenses.ctrap import answer_log_rms, rms_loss
+
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 5, 6) * 4
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 2, 2, -100, -100]])
+    want = []
+    for i in range(2):
+        for t in range(1, 5):
+            if labels[i, t] != -100:
+                r = hidden[i, t - 1].double().pow(2).mean().sqrt()
+                want.append(F.softplus(math.log(50.0) - torch.log(r)))
+    assert rms_loss(hidden, labels, 50.0).item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+    assert answer_log_rms(hidden, labels).shape == (len(want),)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        rms_loss(hidden, torch.full_like(labels, -100), 50.0)
+    x = hidden.clone().requires_grad_(True)
+    rms_loss(x, labels, 50.0).backward()
+    assert float((x.grad * x.detach()).sum()) < 0  # descending it scales the answer positions' states up
+    assert rms_loss(hidden * 1e3, labels, 50.0).item() < 0.05 < 1.0 < rms_loss(hidden, labels, 50.0).item()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_collapse_rms_gradient_matches_the_term_at_the_simulated_point(lora):
+    """With collapse_rms = R the step's gradient is the alignment gradient at θ plus λ·∇ of
+    (CE to the token + softplus(log R − log r)) at θ', r the RMS of the last residual stream at
+    the answer positions; collapse_loss logs the CE alone, collapse_rms and rms_at_theta the
+    RMS at θ' and θ; θ is restored bit-exactly and no hook is left on the model."""
+    from inoculate.defenses._layers import final_norm
+
+    model, tok = _model(lora)
+    b = _batches(tok)
+    R, lam, alpha = 40.0, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, collapse_rms=R)
+    logs, got = _accumulate_restored(d, b)
+    assert not final_norm(model)._forward_pre_hooks
+    params, e = d.params, d.token
+    before = [p.detach().clone() for p in params]
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    mask = retain["labels"][:, 1:] != -100
+    rms = lambda h: h[:, :-1][mask].float().pow(2).mean(-1).sqrt()
+    g_h = _grads(model, params, token_ce(_fwd(model, b["harmful"]), b["harmful"]["labels"]))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+    with torch.no_grad():
+        for p, g in zip(params, g_h):
+            p.sub_(alpha * g / (norm + 1e-7))
+    logits, hidden = _last_residual(model, lambda: _fwd(model, retain))
+    ce = token_ce(logits, torch.where(retain["labels"] != -100, e, -100))
+    term = F.softplus(math.log(R) - torch.log(rms(hidden))).mean()
+    assert logs["collapse_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert logs["collapse_rms_loss"] == pytest.approx(term.item(), rel=1e-5)
+    assert logs["collapse_rms"] == pytest.approx(torch.log(rms(hidden)).mean().exp().item(), rel=1e-5)
+    g_c = _grads(model, params, ce + term)
+    g_ce = _grads(model, params, token_ce(_fwd(model, retain), torch.where(retain["labels"] != -100, e, -100)))
+    with torch.no_grad():
+        for p, q in zip(params, before):
+            p.copy_(q)
+    logits, hidden = _last_residual(model, lambda: _fwd(model, retain))
+    assert logs["rms_at_theta"] == pytest.approx(torch.log(rms(hidden)).mean().exp().item(), rel=1e-5)
+    g_a = _grads(model, params, token_ce(logits, retain["labels"]))
+    assert max(float((c - x).abs().max()) for c, x in zip(g_c, g_ce)) > 1e-6  # the term is in it
+    for x, a, c in zip(got, g_a, g_c):
+        torch.testing.assert_close(x, a + lam * c, rtol=1e-4, atol=1e-7)
+    probe = d.probe(b)  # the held-out probe measures the same point, without a gradient
+    assert probe["collapse_rms"] == pytest.approx(logs["collapse_rms"], rel=1e-5)
+    assert probe["rms_at_theta"] == pytest.approx(logs["rms_at_theta"], rel=1e-5)
+    assert not final_norm(model)._forward_pre_hooks
+
+
+def test_collapse_rms_second_order_matches_torch_func_reference():
+    """second_order with collapse_rms: λ·∇_θ of (CE + the RMS term) at θ'(θ), differentiated
+    through the simulated step, against torch.func."""
+    from torch.func import functional_call, grad
+
+    model, tok = _model(lora=True, attn="eager")
+    b = _batches(tok)
+    alpha, lam, R = 0.1, 1.0, 40.0
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, second_order=True, collapse_rms=R)
+    logs = d.accumulate(b, scale=1.0)
+    assert logs["collapse_rms_loss"] > 0
+    got = [p.grad.clone() for p in d.params]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    relabelled = torch.where(retain["labels"] != -100, d.token, -100)
+    mask = retain["labels"][:, 1:] != -100
+    call = lambda params, batch: functional_call(model, params, args=(), kwargs={
+        "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+
+    def trap(params):
+        g = grad(lambda q: token_ce(call(q, b["harmful"]), b["harmful"]["labels"]))(params)
+        norm = torch.sqrt(sum((g[n] ** 2).sum() for n in names))
+        moved = {n: params[n] - alpha * g[n] / (norm + 1e-7) for n in names}
+        logits, hidden = _last_residual(model, lambda: call(moved, retain))
+        r = hidden[:, :-1][mask].pow(2).mean(-1).sqrt()
+        return token_ce(logits, relabelled) + F.softplus(math.log(R) - torch.log(r)).mean()
+
+    g_trap = grad(trap)(theta)
+    g_align = grad(lambda q: token_ce(call(q, retain), retain["labels"]))(theta)
+    for n, x in zip(names, got):
+        torch.testing.assert_close(x, g_align[n] + lam * g_trap[n], rtol=1e-3, atol=1e-6)
+
+
+def test_bad_collapse_rms_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-1.0, "big", True, float("inf")):
+        with pytest.raises(ConfigError, match="ctrap.collapse_rms must be"):
+            CTRAPConfig(collapse_rms=bad)
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.collapse_rms == 0.0 and "collapse_rms" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_rms": "1000"})
+    assert dcfg.collapse_rms == 1000.0 and resolved["ctrap"]["collapse_rms"] == 1000.0

@@ -91,6 +91,15 @@ positions at θ, from Step 1's logits (one more backward through that pass, no e
 attacker's own answers then carry no collapse token before the attack, so its cross-entropy does
 not push the collapse token down from its first step (round 24 of docs/methods/ctrap-smollm2.md).
 
+Deviation (off by default): `collapse_rms=R > 0` adds to the collapse term at each simulated point
+the mean over the trap batch's answer positions of softplus(log R − log r_t), r_t the RMS of the
+final norm's input (the last residual stream) at the position predicting answer token t, read by
+a forward pre-hook during the collapse pass. Through a final RMSNorm every gradient into the
+layers before it scales as 1/r, so an attacker inside a collapse carried by a large r gets small
+gradients; AdamW's second moment (β2 = 0.999) keeps the scale of its earlier, ordinary gradients
+for about a thousand steps, so its steps shrink too. Logs collapse_rms, collapse_rms_loss and
+rms_at_theta (from Step 4's pass). No extra pass.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
@@ -100,6 +109,7 @@ amortized, 1 + (2K [+ 2 | + 1])/k on average.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -110,6 +120,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id
+from ._layers import final_norm
 from .base import NO_ANSWER_TOKENS, Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
@@ -201,6 +212,13 @@ class CTRAPConfig(DefenseConfig):
                                       "CE to the token, which stops pushing once the token is likely, while "
                                       "m > 0 keeps pushing until its log-odds reach about m nats, so the "
                                       "simulated point collapses m nats deep; collapse_loss still logs the CE")
+    collapse_rms: float = doc(0.0, "R, DEVIATION from the paper/official code (0 = theirs): adds to the "
+                                   "collapse term at each simulated point the mean over the trap batch's "
+                                   "answer positions of softplus(log R − log r), r the RMS of the final "
+                                   "norm's input (the last residual stream), so the collapse is carried by "
+                                   "a residual stream about R in RMS, through whose final norm every "
+                                   "attacker gradient shrinks as 1/r (SmolLM2-135M: r about 29 at answer "
+                                   "positions); logs collapse_rms (at θ') and rms_at_theta; no extra pass")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -208,7 +226,7 @@ class CTRAPConfig(DefenseConfig):
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-                                     "dormancy_harmful", "collapse_margin")
+                                     "dormancy_harmful", "collapse_margin", "collapse_rms")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -281,6 +299,9 @@ class CTRAPConfig(DefenseConfig):
         if isinstance(self.collapse_margin, bool) or not isinstance(self.collapse_margin, (int, float)) \
                 or not self.collapse_margin >= 0:
             raise ConfigError(f"ctrap.collapse_margin must be a number >= 0, got {self.collapse_margin!r}")
+        if isinstance(self.collapse_rms, bool) or not isinstance(self.collapse_rms, (int, float)) \
+                or not self.collapse_rms >= 0 or math.isinf(self.collapse_rms):
+            raise ConfigError(f"ctrap.collapse_rms must be a finite number >= 0 (0 = off), got {self.collapse_rms!r}")
         for name in ("dormancy", "dormancy_harmful", "collapse_margin"):
             if getattr(self, name) and self.collapse_target != "token":
                 raise ConfigError(f"ctrap.{name} is defined for collapse_target=token (a collapse token's "
@@ -329,6 +350,38 @@ def token_log_odds(logits: torch.Tensor, labels: torch.Tensor, token: int) -> to
         raise ValueError(NO_ANSWER_TOKENS)
     others = z.index_fill(-1, torch.tensor([token], device=z.device), -math.inf)
     return z[:, token] - torch.logsumexp(others, dim=-1)
+
+
+def answer_log_rms(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log of the RMS over features of `hidden` (batch, seq, features) at each position that
+    predicts an answer token (labels[:, t + 1] != -100), the positions the collapse term reads."""
+    h = hidden[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()
+    if h.shape[0] == 0:
+        raise ValueError(NO_ANSWER_TOKENS)
+    return 0.5 * torch.log(h.pow(2).mean(dim=-1))
+
+
+def rms_loss(hidden: torch.Tensor, labels: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean over answer positions of softplus(log target − log RMS(hidden_t)) (answer_log_rms):
+    about log(target/r) while the RMS r is below the target, fading once it is above."""
+    return F.softplus(math.log(target) - answer_log_rms(hidden, labels)).mean()
+
+
+@contextlib.contextmanager
+def final_norm_input(model, active: bool = True):
+    """A list that collects the input of `model`'s final norm (the last residual stream, before
+    the LM head) while the block runs; nothing is hooked when not `active`."""
+    seen: list = []
+    if not active:
+        yield seen
+        return
+    handle = final_norm(model).register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else next(iter(kwargs.values()))),
+        with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token: int, bound: float) -> torch.Tensor:
@@ -444,6 +497,26 @@ class CTRAP(Defense):
             return loss_c.item()
         with torch.no_grad():
             return F.softplus(-token_log_odds(logits.detach(), labels, self.token)).mean().item()
+
+    def _rms_term(self, seen: list, labels, rms_logs: list) -> torch.Tensor:
+        """collapse_rms = R: the term softplus(log R − log r) on the final norm's input `seen[-1]`
+        at the trap batch's answer positions (rms_loss); appends (r, the term) to `rms_logs`, r
+        the geometric mean RMS over those positions."""
+        hidden = seen[-1]
+        term = rms_loss(hidden, labels, self.config.collapse_rms)
+        with torch.no_grad():
+            r = answer_log_rms(hidden.detach(), labels).mean().exp().item()
+        rms_logs.append((r, term.item()))
+        return term
+
+    def _rms_at_theta(self, seen: list, labels) -> dict:
+        """collapse_rms: the geometric mean RMS of the final norm's input at θ on the retain
+        batch's answer positions (rms_at_theta), from the alignment pass: the trap should raise it
+        at θ' (collapse_rms) and leave it here."""
+        if not seen:
+            return {}
+        with torch.no_grad():
+            return {"rms_at_theta": answer_log_rms(seen[-1].detach(), labels).mean().exp().item()}
 
     def simulated_step(self, g_h, away: Optional[list] = None,
                        moments: Optional[dict] = None) -> tuple[list, float]:
@@ -561,7 +634,10 @@ class CTRAP(Defense):
         if c.trap_every > 1 and not c.second_order:
             self.add_to_grad(self.cached_trap, scale)
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
-        logits, labels = self.answer_logits(retain)
+        with final_norm_input(self.model, bool(c.collapse_rms)) as seen:
+            logits, labels = self.answer_logits(retain)
+        logs.update(self._rms_at_theta(seen, retain["labels"]))
+        del seen
         loss_a = token_ce(logits, labels)
         if c.dormancy:  # the dormancy term, on the same logits at θ
             loss_d = dormancy_loss(logits, labels, self.token, c.dormancy_bound)
@@ -622,10 +698,10 @@ class CTRAP(Defense):
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
         trap_batch = retain if c.collapse_data == "retain" else batches["general"]
-        with torch.no_grad():
+        with torch.no_grad(), final_norm_input(self.model, bool(c.collapse_rms)) as seen:
             logits, labels = self.answer_logits(retain)
             align_loss = token_ce(logits, labels).item()
-            logs = {"align_loss": align_loss,
+            logs = {**self._rms_at_theta(seen, retain["labels"]), "align_loss": align_loss,
                     "collapse_loss_at_theta": self._collapse_at_theta(logits, labels, align_loss)}
             if c.dormancy:
                 logs["dormancy_loss"] = dormancy_loss(logits, labels, self.token, c.dormancy_bound).item()
@@ -692,7 +768,7 @@ class CTRAP(Defense):
         `harmful` is the list of the K steps' harmful batches (harmful_batches)."""
         c = self.config
         K = c.trap_steps
-        collapse_losses, harmful_losses, points = [], [], []
+        collapse_losses, harmful_losses, points, rms_logs = [], [], [], []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
                 if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the k-th step's harmful batch
@@ -702,10 +778,13 @@ class CTRAP(Defense):
                     del loss_h
                     self._step_further(direction, step)
                 with torch.set_grad_enabled(apply and torch.is_grad_enabled()):
-                    logits, labels = self.answer_logits(trap_batch)
+                    with final_norm_input(self.model, bool(c.collapse_rms)) as seen:
+                        logits, labels = self.answer_logits(trap_batch)
                     loss_c = self.collapse(logits, labels)
-                collapse_losses.append(self._collapse_logs(logits, labels, loss_c))
-                del logits
+                    collapse_losses.append(self._collapse_logs(logits, labels, loss_c))
+                    if c.collapse_rms:
+                        loss_c = loss_c + self._rms_term(seen, trap_batch["labels"], rms_logs)
+                del logits, seen
                 if apply and c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse / K)
                 elif apply:
@@ -721,6 +800,9 @@ class CTRAP(Defense):
                     points.append(at_point())
         depth = "collapse_token_share" if c.collapse_target == "token" else "degenerate_rate"
         logs = {"collapse_loss": sum(collapse_losses) / K, **self._point_logs(points, depth)}
+        if rms_logs:  # collapse_rms: the means over the K points
+            logs["collapse_rms"] = sum(r for r, _ in rms_logs) / K
+            logs["collapse_rms_loss"] = sum(x for _, x in rms_logs) / K
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
@@ -795,9 +877,15 @@ class CTRAP(Defense):
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in g_h))
         factor = c.alpha / (norm + 1e-7) if c.normalize else c.alpha
         moved = {n: p - factor * g for n, p, g in zip(self._names, self.params, g_h)}
-        logits = functional_call(self.model, moved, args=(),
-                                 kwargs={"input_ids": trap_batch["input_ids"],
-                                         "attention_mask": trap_batch["attention_mask"]}).logits
+        with final_norm_input(self.model, bool(c.collapse_rms)) as seen:
+            logits = functional_call(self.model, moved, args=(),
+                                     kwargs={"input_ids": trap_batch["input_ids"],
+                                             "attention_mask": trap_batch["attention_mask"]}).logits
         loss_c = self.collapse(logits, trap_batch["labels"])
+        logs["collapse_loss"] = self._collapse_logs(logits, trap_batch["labels"], loss_c)
+        if c.collapse_rms:
+            rms_logs = []
+            loss_c = loss_c + self._rms_term(seen, trap_batch["labels"], rms_logs)
+            logs["collapse_rms"], logs["collapse_rms_loss"] = rms_logs[0]
         self.add_to_grad(self.grads(loss_c), scale * c.lambda_collapse)
-        return {**logs, "collapse_loss": self._collapse_logs(logits, trap_batch["labels"], loss_c)}
+        return logs
