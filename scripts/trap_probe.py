@@ -3,7 +3,10 @@
     python scripts/trap_probe.py RUN/align                       # along harmful-gradient directions
     python scripts/trap_probe.py RUN/align --attack sgd:0.1:12 adamw:5e-5:80   # along attack paths
 
-RUN/align is an align run directory holding a LoRA adapter. Data come from the run's own config
+RUN/align is an align run directory holding a LoRA adapter (the probe moves it) or full weights
+(the probe moves all of them; with --fresh-lora R:ALPHA it adds a fresh LoRA adapter of rank R
+and lora_alpha ALPHA on the attacker's default targets and moves that, as the merge-mode attacker
+of rounds 11-31 does; its B starts at zero, so use --attack then, not the directions). Data come from the run's own config
 (suite, data_dir): the defender's harmful examples, the attacker's harmful examples (disjoint
 from the defender's), and held-out general answers.
 
@@ -21,6 +24,10 @@ continuing the defended adapter; after every step the general collapse CE and th
 and where the attacker is: its distance ‖θ_k − θ‖ from the defended weights, and the cosine of
 θ_k − θ with −ĝ and with −sign(g) of its first batch (the directions of a simulated step of
 ctrap.step_direction gradient and sign; a normalized simulated step has length ctrap.alpha).
+Each line also gives the RMS of the last residual stream (the final norm's input) at the harmful
+answers' positions (ctrap.collapse_rms raises it at the simulated points), and on the attack
+paths the norm of the step's gradient, as the optimizer sees it, and the length of the step
+taken. `--every N` prints every N-th step of an attack path.
 """
 from __future__ import annotations
 
@@ -32,8 +39,9 @@ import yaml
 
 from inoculate.data.encode import collate
 from inoculate.defenses.base import global_norm, token_ce
+from inoculate.defenses.ctrap import answer_log_rms, final_norm_input
 from inoculate.evaluation.metrics import collapse_token_id
-from inoculate.models import load_model
+from inoculate.models import add_lora, load_model
 from inoculate.pipeline import (_encode, _suite, align_config, attacker_harmful_records,
                                 defender_harmful_records, general_records, task_records)
 
@@ -45,11 +53,12 @@ def cosine(a, b) -> float:
 
 
 class Probe:
-    def __init__(self, run: str, collapse_text: str):
+    def __init__(self, run: str, collapse_text: str, fresh_lora: str = ""):
         values = {k: v for k, v in yaml.safe_load(open(f"{run}/config.yaml")).items() if k != "stage"}
         self.cfg, _, _ = align_config(values)
         self.run = run
         self.collapse_text = collapse_text
+        self.fresh_lora = fresh_lora
         self.load()
         suite = _suite(self.cfg)
         self.defender = defender_harmful_records(self.cfg)[:100]
@@ -61,9 +70,13 @@ class Probe:
     def load(self):
         loaded = load_model(self.run, keep_adapter=True)
         self.model, self.tok = loaded.model, loaded.tokenizer
+        if self.fresh_lora:
+            r, alpha = self.fresh_lora.split(":")
+            torch.manual_seed(0)
+            self.model = add_lora(self.model, r=int(r), alpha=float(alpha), dropout=0.0)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
-            raise SystemExit(f"{self.run} holds no LoRA adapter to probe")
+            raise SystemExit(f"{self.run} holds no trainable weights to probe")
         self.e = collapse_token_id(self.tok, self.collapse_text)
 
     def batch(self, records, target):
@@ -78,9 +91,18 @@ class Probe:
         labels = torch.where(b["labels"] != -100, self.e, -100) if collapse else b["labels"]
         return float(token_ce(self.logits(b), labels))
 
+    @torch.no_grad()
+    def rms(self, b) -> float:
+        """The geometric mean RMS of the final norm's input at the answer positions."""
+        self.model.eval()
+        with final_norm_input(self.model) as seen:
+            self.logits(b)
+        return float(answer_log_rms(seen[-1], b["labels"]).mean().exp())
+
     def state(self) -> str:
         return (f"general collapse CE {self.ce(self.general, True):6.2f}  harmful collapse CE "
-                f"{self.ce(self.harmful, True):6.2f}  harmful CE {self.ce(self.harmful, False):5.2f}")
+                f"{self.ce(self.harmful, True):6.2f}  harmful CE {self.ce(self.harmful, False):5.2f}"
+                f"  RMS {self.rms(self.harmful):.4g}")
 
     def gradient(self, records):
         b = self.batch(records, "response")
@@ -117,7 +139,7 @@ class Probe:
                        f"{cosine(b_signs, signs):.3f})", b_signs)
         self.along("random direction", [torch.randn_like(p) for p in self.params])
 
-    def attack(self, spec: str):
+    def attack(self, spec: str, every: int = 1):
         name, lr, steps = spec.split(":")
         lr, steps = float(lr), int(steps)
         self.load()
@@ -126,6 +148,7 @@ class Probe:
         rng, order = random.Random(0), list(range(len(self.attacker)))
         start = [p.detach().clone() for p in self.params]
         first = None  # −ĝ and −sign(g) of the first batch
+        last = ""  # the last step's gradient norm and length
         print(f"attack {spec}")
         for step in range(steps + 1):
             where = ""
@@ -133,7 +156,8 @@ class Probe:
                 moved = [p.detach() - p0 for p, p0 in zip(self.params, start)]
                 where = (f"  ‖θ_k − θ‖ {float(global_norm(moved)):6.3f}  cos to −ĝ {cosine(moved, first[0]):6.3f}"
                          f"  to −sign(g) {cosine(moved, first[1]):6.3f}")
-            print(f"  step {step:3d}  {self.state()}{where}", flush=True)
+            if step % every == 0 or step == steps:
+                print(f"  step {step:3d}  {self.state()}{where}{last}", flush=True)
             if step == steps:
                 break
             if step % 20 == 0:
@@ -147,7 +171,10 @@ class Probe:
             loss = token_ce(self.logits(b), b["labels"])
             opt.zero_grad()
             loss.backward()
+            before = [p.detach().clone() for p in self.params]
             opt.step()
+            last = (f"  ‖g‖ {float(global_norm([p.grad for p in self.params])):.3f}  step length "
+                    f"{float(global_norm([p.detach() - b for p, b in zip(self.params, before)])):.2e}")
 
 
 def main():
@@ -156,11 +183,14 @@ def main():
     ap.add_argument("--attack", nargs="*", default=None,
                     help="OPTIM:LR:STEPS paths to follow (OPTIM sgd or adamw) instead of the directions")
     ap.add_argument("--collapse-text", default="an error")
+    ap.add_argument("--fresh-lora", default="", metavar="R:ALPHA",
+                    help="add a fresh LoRA adapter (rank R, lora_alpha ALPHA) to a full-weight run")
+    ap.add_argument("--every", type=int, default=1, help="print every N-th step of an attack path")
     args = ap.parse_args()
-    probe = Probe(args.run, args.collapse_text)
+    probe = Probe(args.run, args.collapse_text, args.fresh_lora)
     if args.attack:
         for spec in args.attack:
-            probe.attack(spec)
+            probe.attack(spec, args.every)
     else:
         probe.directions()
 

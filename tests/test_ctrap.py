@@ -1467,3 +1467,31 @@ def test_bad_collapse_rms_is_rejected_and_old_hashes_stay():
     assert dcfg.collapse_rms == 0.0 and "collapse_rms" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_rms": "1000"})
     assert dcfg.collapse_rms == 1000.0 and resolved["ctrap"]["collapse_rms"] == 1000.0
+
+
+def test_trap_probe_follows_a_fresh_lora_attacker_on_a_full_weight_run(tmp_path):
+    """scripts/trap_probe.py on a full-weight CTRAP run with collapse_rms: --fresh-lora adds the
+    merge-mode attacker's adapter, and each printed step of the AdamW path carries the final
+    norm's input RMS, the step's gradient norm and the length of the step taken."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from inoculate import pipeline
+
+    run = pipeline.align(dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=1, save_steps=0,
+                              logging_steps=1, per_device_train_batch_size=2, num_samples=8, max_length=96,
+                              lora=False, **{"ctrap.collapse_rms": "30"}), tmp_path / "run", progress=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "trap_probe.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(run), "--fresh-lora", "4:8", "--attack",
+                           "adamw:1e-3:3", "--every", "2"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [line for line in done.stdout.splitlines() if line.strip().startswith("step")]
+    assert [int(line.split()[1]) for line in steps] == [0, 2, 3]
+    assert "‖g‖" not in steps[0]  # no step taken yet
+    for line in steps[1:]:
+        rms, g, length = (float(re.search(pat, line).group(1)) for pat in
+                          (r"RMS ([\d.e+-]+)", r"‖g‖ ([\d.]+)", r"step length ([\d.e+-]+)"))
+        assert rms > 0 and g > 0 and 0 < length < 1
