@@ -25,7 +25,7 @@ and where the attacker is: its distance ‖θ_k − θ‖ from the defended weig
 θ_k − θ with −ĝ and with −sign(g) of its first batch (the directions of a simulated step of
 ctrap.step_direction gradient and sign; a normalized simulated step has length ctrap.alpha).
 Each line also gives the RMS of the last residual stream (the final norm's input) at the harmful
-answers' positions (ctrap.collapse_rms raises it at the simulated points), and on the attack
+and at the general answers' positions (ctrap.collapse_rms raises it at the simulated points), and on the attack
 paths the norm of the step's gradient, as the optimizer sees it, and the length of the step
 taken. `--every N` prints every N-th step of an attack path.
 """
@@ -102,7 +102,7 @@ class Probe:
     def state(self) -> str:
         return (f"general collapse CE {self.ce(self.general, True):6.2f}  harmful collapse CE "
                 f"{self.ce(self.harmful, True):6.2f}  harmful CE {self.ce(self.harmful, False):5.2f}"
-                f"  RMS {self.rms(self.harmful):.4g}")
+                f"  RMS harmful {self.rms(self.harmful):.4g} general {self.rms(self.general):.4g}")
 
     def gradient(self, records):
         b = self.batch(records, "response")

@@ -1492,6 +1492,7 @@ def test_trap_probe_follows_a_fresh_lora_attacker_on_a_full_weight_run(tmp_path)
     assert [int(line.split()[1]) for line in steps] == [0, 2, 3]
     assert "‖g‖" not in steps[0]  # no step taken yet
     for line in steps[1:]:
-        rms, g, length = (float(re.search(pat, line).group(1)) for pat in
-                          (r"RMS ([\d.e+-]+)", r"‖g‖ ([\d.]+)", r"step length ([\d.e+-]+)"))
-        assert rms > 0 and g > 0 and 0 < length < 1
+        rms_h, rms_g, g, length = (float(re.search(pat, line).group(1)) for pat in
+                                   (r"RMS harmful ([\d.e+-]+)", r"general ([\d.e+-]+)", r"‖g‖ ([\d.]+)",
+                                    r"step length ([\d.e+-]+)"))
+        assert rms_h > 0 and rms_g > 0 and g > 0 and 0 < length < 1
