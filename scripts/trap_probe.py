@@ -39,7 +39,8 @@ import yaml
 
 from inoculate.data.encode import collate
 from inoculate.defenses.base import global_norm, token_ce
-from inoculate.defenses.ctrap import answer_log_rms, final_norm_input
+from inoculate.defenses._layers import final_norm_input
+from inoculate.defenses.ctrap import answer_rms
 from inoculate.evaluation.metrics import collapse_token_id
 from inoculate.models import add_lora, load_model
 from inoculate.pipeline import (_encode, _suite, align_config, attacker_harmful_records,
@@ -97,7 +98,7 @@ class Probe:
         self.model.eval()
         with final_norm_input(self.model) as seen:
             self.logits(b)
-        return float(answer_log_rms(seen[-1], b["labels"]).mean().exp())
+        return answer_rms(seen[-1], b["labels"])
 
     def state(self) -> str:
         return (f"general collapse CE {self.ce(self.general, True):6.2f}  harmful collapse CE "

@@ -268,6 +268,24 @@ def recorded_outputs(module: nn.Module) -> Iterator[list]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def final_norm_input(model, active: bool = True):
+    """A list that collects the input of `model`'s final norm (:func:`final_norm`: the last
+    residual stream, before the LM head) while the block runs; nothing is hooked when not
+    `active`. CTRAP's collapse_rms term reads it."""
+    seen: list = []
+    if not active:
+        yield seen
+        return
+    handle = final_norm(model).register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else next(iter(kwargs.values()))),
+        with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def logit_lens_sum(model: nn.Module, outputs, labels: torch.Tensor, *,
                    normed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """(S, n): the target-token cross-entropy read at every depth through the logit lens, summed,

@@ -109,7 +109,6 @@ amortized, 1 + (2K [+ 2 | + 1])/k on average.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -120,7 +119,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id
-from ._layers import final_norm
+from ._layers import final_norm_input
 from .base import NO_ANSWER_TOKENS, Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
 COLLAPSE_TARGETS = ("token", "uniform", "random")
@@ -361,27 +360,16 @@ def answer_log_rms(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log(h.pow(2).mean(dim=-1))
 
 
+def answer_rms(hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """The geometric mean over answer positions of the RMS (answer_log_rms), as logged."""
+    with torch.no_grad():
+        return answer_log_rms(hidden.detach(), labels).mean().exp().item()
+
+
 def rms_loss(hidden: torch.Tensor, labels: torch.Tensor, target: float) -> torch.Tensor:
     """Mean over answer positions of softplus(log target − log RMS(hidden_t)) (answer_log_rms):
     about log(target/r) while the RMS r is below the target, fading once it is above."""
     return F.softplus(math.log(target) - answer_log_rms(hidden, labels)).mean()
-
-
-@contextlib.contextmanager
-def final_norm_input(model, active: bool = True):
-    """A list that collects the input of `model`'s final norm (the last residual stream, before
-    the LM head) while the block runs; nothing is hooked when not `active`."""
-    seen: list = []
-    if not active:
-        yield seen
-        return
-    handle = final_norm(model).register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(args[0] if args else next(iter(kwargs.values()))),
-        with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token: int, bound: float) -> torch.Tensor:
@@ -502,21 +490,15 @@ class CTRAP(Defense):
         """collapse_rms = R: the term softplus(log R − log r) on the final norm's input `seen[-1]`
         at the trap batch's answer positions (rms_loss); appends (r, the term) to `rms_logs`, r
         the geometric mean RMS over those positions."""
-        hidden = seen[-1]
-        term = rms_loss(hidden, labels, self.config.collapse_rms)
-        with torch.no_grad():
-            r = answer_log_rms(hidden.detach(), labels).mean().exp().item()
-        rms_logs.append((r, term.item()))
+        term = rms_loss(seen[-1], labels, self.config.collapse_rms)
+        rms_logs.append((answer_rms(seen[-1], labels), term.item()))
         return term
 
     def _rms_at_theta(self, seen: list, labels) -> dict:
         """collapse_rms: the geometric mean RMS of the final norm's input at θ on the retain
         batch's answer positions (rms_at_theta), from the alignment pass: the trap should raise it
         at θ' (collapse_rms) and leave it here."""
-        if not seen:
-            return {}
-        with torch.no_grad():
-            return {"rms_at_theta": answer_log_rms(seen[-1].detach(), labels).mean().exp().item()}
+        return {"rms_at_theta": answer_rms(seen[-1], labels)} if seen else {}
 
     def simulated_step(self, g_h, away: Optional[list] = None,
                        moments: Optional[dict] = None) -> tuple[list, float]:
