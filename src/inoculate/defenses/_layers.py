@@ -24,6 +24,8 @@ ties a defense to one family, so the modules are found from the structure:
   first child of the layers' parent after the layer list that holds only vector parameters.
 * logit lens: :func:`logit_lens_sum`, the one implementation of the per-depth answer CE that
   SEAM's L_ul and RepNoise's S_harm share.
+* the final norm's input (the last residual stream): :func:`final_norm_input`, a forward pre-hook
+  held for one block, which CTRAP's collapse_rms term and scripts/trap_probe.py read.
 
 Everything works through PEFT wrappers (``PeftModel``): LoRA layers wrap the projections but
 keep the attention/MLP modules and their names. When a rule finds nothing, or finds two
