@@ -6,7 +6,8 @@
 RUN/align is an align run directory holding a LoRA adapter (the probe moves it) or full weights
 (the probe moves all of them; with --fresh-lora R:ALPHA it adds a fresh LoRA adapter of rank R
 and lora_alpha ALPHA on the attacker's default targets and moves that, as the merge-mode attacker
-of rounds 11-31 does; its B starts at zero, so use --attack then, not the directions). Data come from the run's own config
+of rounds 11-31 does; its B starts at zero, so use --attack then, not the directions).
+Data come from the run's own config
 (suite, data_dir): the defender's harmful examples, the attacker's harmful examples (disjoint
 from the defender's), and held-out general answers.
 
@@ -25,9 +26,9 @@ and where the attacker is: its distance ‖θ_k − θ‖ from the defended weig
 θ_k − θ with −ĝ and with −sign(g) of its first batch (the directions of a simulated step of
 ctrap.step_direction gradient and sign; a normalized simulated step has length ctrap.alpha).
 Each line also gives the RMS of the last residual stream (the final norm's input) at the harmful
-and at the general answers' positions (ctrap.collapse_rms raises it at the simulated points), and on the attack
-paths the norm of the step's gradient, as the optimizer sees it, and the length of the step
-taken. `--every N` prints every N-th step of an attack path.
+and at the general answers' positions (ctrap.collapse_rms raises it at the simulated points),
+and on the attack paths the norm of the step's gradient, as the optimizer sees it, and the
+length of the step taken. `--every N` prints every N-th step of an attack path.
 """
 from __future__ import annotations
 
