@@ -1026,9 +1026,10 @@ def test_trap_gap_from_the_collapse_losses_at_theta_and_the_deepest_point(trap_s
     assert "trap_gap" not in d.accumulate(b, scale=1.0), "no trap this micro-step, no gap"
 
 
-def test_point_logs_name_each_point_and_the_deepest():
-    """point/<key> is θ_K's; with K > 1 each point's values are logged under point/step<k>/ and
-    the point with the largest collapse-token share (NaN: no answers) under point/deepest/."""
+def test_point_logs_name_each_point_the_deepest_and_the_shallowest():
+    """point/<key> is θ_K's; with K > 1 each point's values are logged under point/step<k>/, the
+    point with the largest collapse-token share (NaN: no answers) under point/deepest/ and the one
+    with the smallest under point/shallowest/."""
     nan = float("nan")
     points = [{"collapse_token_share": 0.2, "r": "a"}, {"collapse_token_share": 0.9, "r": "b"},
               {"collapse_token_share": 0.9, "r": "c"}, {"collapse_token_share": nan, "r": "d"}]
@@ -1036,14 +1037,21 @@ def test_point_logs_name_each_point_and_the_deepest():
     assert logs["point/r"] == "d" and logs["point/step2/r"] == "b" and logs["point/step4/r"] == "d"
     assert logs["point/deepest/r"] == "b" and logs["point/deepest_step"] == 2  # the first of ties
     assert logs["point/deepest/collapse_token_share"] == 0.9
+    # the shallowest read point (NaN is not read): a step whose whole simulated path is collapsed
+    assert logs["point/shallowest/r"] == "a" and logs["point/shallowest_step"] == 1
+    assert logs["point/shallowest/collapse_token_share"] == 0.2
+    tied = CTRAP._point_logs([{"collapse_token_share": 0.1}, {"collapse_token_share": 0.1}])
+    assert tied["point/shallowest_step"] == 2 and tied["point/deepest_step"] == 1  # last / first of ties
     assert CTRAP._point_logs([{"collapse_token_share": 0.2}]) == {"point/collapse_token_share": 0.2}
     unread = CTRAP._point_logs([{"collapse_token_share": nan}, {"x": 1.0}])
-    assert "point/deepest_step" not in unread and unread["point/x"] == 1.0
+    assert "point/deepest_step" not in unread and "point/shallowest_step" not in unread
+    assert unread["point/x"] == 1.0
     assert CTRAP._point_logs([]) == {}
     # the uniform and random targets write no collapse token: their deepest point is the most degenerate
     points = [{"collapse_token_share": 0.5, "degenerate_rate": 0.25}, {"collapse_token_share": 0.0, "degenerate_rate": 1.0}]
     assert CTRAP._point_logs(points)["point/deepest_step"] == 1
     assert CTRAP._point_logs(points, "degenerate_rate")["point/deepest_step"] == 2
+    assert CTRAP._point_logs(points, "degenerate_rate")["point/shallowest_step"] == 1
 
 
 @pytest.mark.parametrize("target,deepest", [("token", 1), ("uniform", 2), ("random", 2)])

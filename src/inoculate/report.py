@@ -371,7 +371,8 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
 _MONITOR_PANELS = (
     ("greedy answers to held-out harmful prompts", "fraction",
      ("collapse_token_share", "degenerate_rate", "refusal_rate", "*/point/collapse_token_share",
-      "*/point/deepest/collapse_token_share", "*/point/refusal_rate")),
+      "*/point/deepest/collapse_token_share", "*/point/shallowest/collapse_token_share",
+      "*/point/refusal_rate")),
     ("teacher-forced collapse loss", "cross-entropy (nats/token)",
      ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
     ("the defense's probe", "value",

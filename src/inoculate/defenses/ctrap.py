@@ -793,13 +793,15 @@ class CTRAP(Defense):
     @staticmethod
     def _point_logs(points: list, depth: str = "collapse_token_share") -> dict:
         """`at_point()`'s values at the simulated points θ_1..θ_K as logged keys: point/<key> at
-        θ_K; with K > 1 also point/step<k>/<key> at each θ_k, and point/deepest/<key> at the point
+        θ_K; with K > 1 also point/step<k>/<key> at each θ_k, point/deepest/<key> at the point
         whose greedy answers hold the largest `depth` value (the first of ties; NaN, no answers,
-        counts as none), point/deepest_step its k. `depth` is the collapse-token share for the
-        token target and the degenerate rate for the uniform and random ones, which write no
-        collapse token. A trap whose simulated attacker
-        leaves the collapse again by θ_K is collapsed at an earlier point: selecting on θ_K's
-        share alone kept a shallow step in round 21 (docs/methods/ctrap-smollm2.md)."""
+        counts as none), point/deepest_step its k, and point/shallowest/<key>,
+        point/shallowest_step at the point with the smallest (the last of ties). `depth` is the
+        collapse-token share for the token target and the degenerate rate for the uniform and
+        random ones, which write no collapse token. A trap whose simulated attacker leaves the
+        collapse again by θ_K is collapsed at an earlier point: selecting on θ_K's share alone kept
+        a shallow step in round 21 (docs/methods/ctrap-smollm2.md); selecting on the shallowest
+        point's keeps a step whose whole simulated path is collapsed (round 32)."""
         if not points:
             return {}
         logs = {f"point/{k}": v for k, v in points[-1].items()}
@@ -812,6 +814,10 @@ class CTRAP(Defense):
                 deepest = shares.index(max(shares))
                 logs.update({f"point/deepest/{k}": v for k, v in points[deepest].items()})
                 logs["point/deepest_step"] = deepest + 1
+                read = [i for i, x in enumerate(shares) if x > -math.inf]
+                shallowest = min(reversed(read), key=lambda i: shares[i])
+                logs.update({f"point/shallowest/{k}": v for k, v in points[shallowest].items()})
+                logs["point/shallowest_step"] = shallowest + 1
         return logs
 
     def _benign_guard(self, benign, retain, scale, g_b: Optional[list] = None) -> dict:
