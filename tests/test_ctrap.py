@@ -459,7 +459,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-        "dormancy_harmful", "collapse_margin", "collapse_rms"}
+        "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1504,3 +1504,83 @@ def test_trap_probe_follows_a_fresh_lora_attacker_on_a_full_weight_run(tmp_path)
                                    (r"RMS harmful ([\d.e+-]+)", r"general ([\d.e+-]+)", r"‖g‖ ([\d.]+)",
                                     r"step length ([\d.e+-]+)"))
         assert rms_h > 0 and rms_g > 0 and g > 0 and 0 < length < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# collapse_harmful_head (a deviation, off by default): the collapse term at each simulated point
+# also covers the first H answer tokens of the harmful batch
+# ---------------------------------------------------------------------------------------------
+
+def test_answer_head_keeps_the_first_answer_tokens_and_cuts_the_rest():
+    from inoculate.defenses.ctrap import answer_head
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7, 8, -100],
+                           [-100, -100, -100, -100, 9, 10, 11]])
+    batch = {"input_ids": torch.arange(14).view(2, 7), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "labels": labels}
+    head = answer_head(batch, 2)
+    assert head["labels"].tolist() == [[-100, -100, 5, 6, -100, -100], [-100, -100, -100, -100, 9, 10]]
+    assert torch.equal(head["input_ids"], batch["input_ids"][:, :6])
+    assert torch.equal(head["attention_mask"], batch["attention_mask"][:, :6])
+    assert answer_head(batch, 1)["labels"].tolist() == [[-100, -100, 5, -100, -100], [-100] * 4 + [9]]
+    assert torch.equal(answer_head(batch, 10)["labels"], labels)  # H beyond every answer: all kept
+
+
+@pytest.mark.parametrize("lora,trap_steps", [(True, 1), (False, 1), (True, 2)])
+def test_collapse_harmful_head_gradient_matches_the_passes_by_hand(lora, trap_steps):
+    """With collapse_harmful_head = H each simulated point's collapse term is the CE to the token
+    on the retain batch plus the CE to the token on the harmful batch's first H answer tokens; the
+    gradient is the alignment gradient at θ plus λ/K times the sum of their gradients at the
+    points, θ is restored bit-exactly, and the probe logs the same head loss."""
+    model, tok = _model(lora)
+    b = _batches(tok)
+    H, lam, alpha = 2, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, collapse_harmful_head=H, trap_steps=trap_steps)
+    assert d.passes_per_step == 1 + 3 * trap_steps
+    logs, got = _accumulate_restored(d, b)
+    params, e = d.params, d.token
+    theta = [p.detach().clone() for p in params]
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    harmful = b["harmful"]
+    answer = harmful["labels"] != -100
+    head_labels = torch.where(answer & (answer.long().cumsum(1) <= H), e, -100)
+    assert (head_labels == e).sum(1).tolist() == [H] * harmful["labels"].shape[0]
+    to_e = lambda labels: torch.where(labels != -100, e, -100)
+    g_c, heads = [torch.zeros_like(p) for p in params], []
+    for _ in range(trap_steps):  # θ_k = θ_{k-1} − α·g_h/‖g_h‖, the harmful gradient at θ_{k-1}
+        g_h = _grads(model, params, token_ce(_fwd(model, harmful), harmful["labels"]))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+        with torch.no_grad():
+            for p, g in zip(params, g_h):
+                p.sub_(alpha * g / (norm + 1e-7))
+        head = token_ce(_fwd(model, harmful), head_labels)
+        heads.append(head.item())
+        loss = token_ce(_fwd(model, retain), to_e(retain["labels"])) + head
+        for acc, g in zip(g_c, _grads(model, params, loss)):
+            acc.add_(g)
+    with torch.no_grad():
+        for p, q in zip(params, theta):
+            p.copy_(q)
+    assert logs["collapse_loss_harmful_head"] == pytest.approx(sum(heads) / trap_steps, rel=1e-5)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    for x, a, c in zip(got, g_a, g_c):
+        torch.testing.assert_close(x, a + lam / trap_steps * c, rtol=1e-4, atol=1e-7)
+    probe = d.probe(b)
+    assert probe["collapse_loss_harmful_head"] == pytest.approx(logs["collapse_loss_harmful_head"], rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(params, theta))
+
+
+def test_bad_collapse_harmful_head_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(ConfigError, match="ctrap.collapse_harmful_head must be"):
+            CTRAPConfig(collapse_harmful_head=bad)
+    with pytest.raises(ConfigError, match="second_order and collapse_harmful_head"):
+        CTRAPConfig(collapse_harmful_head=2, second_order=True)
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.collapse_harmful_head == 0 and "collapse_harmful_head" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_harmful_head": "3"})
+    assert dcfg.collapse_harmful_head == 3 and resolved["ctrap"]["collapse_harmful_head"] == 3

@@ -554,8 +554,32 @@ def test_rejudge_script_reads_stored_answers_with_the_current_keyword_judge(tmp_
         json.dumps({"step": 5, "monitor/answers": answers, "monitor/refusal_rate": 0.0}) + "\n")
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "eval"), str(tmp_path / "attack"),
                            "--heads"], capture_output=True, text=True, check=True)
-    evaluated, monitored = [json.loads(line) for line in done.stdout.splitlines()]
+    evaluated, monitored, total = [json.loads(line) for line in done.stdout.splitlines()]
+    assert total["steps"] == 1 and total["collapse_openings"] == {"start": 1, "refusal": 0, "compliant": 0}
     assert evaluated["n"] == 3 and evaluated["keyword_hs_io"] == 1.0
     assert evaluated["keyword_now"] == {"hs_io": 0.333, "refusal_rate": 0.333}
     assert monitored["step"] == 5 and monitored["logged_refusal_rate"] == 0.0
     assert monitored["keyword_now"] == {"hs_io": 0.333, "refusal_rate": 0.333}
+
+
+def test_rejudge_script_tells_where_the_monitors_collapse_sits(tmp_path):
+    """For a training log (a directory's log.jsonl or a NAME-log.jsonl file) scripts/rejudge.py
+    counts, per step and in total, the answers with a run of "error" by what comes before it:
+    nothing, a refusal opening, or a compliant one; a lone or hyphenated "error" is no collapse."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rejudge.py"
+    steps = [["error error error", "Error: Error: error error", "I'm error error error",
+              "Sorry, I won't error error", "Sure, here is a error error error", "I'm not able to help."],
+             ["Sure, an error-free plan: step one.", "1. Make sure to error error error"]]
+    log = tmp_path / "run-attack-log.jsonl"
+    log.write_text("".join(json.dumps({"step": 20 * i, "monitor/answers": a}) + "\n" for i, a in enumerate(steps)))
+    done = subprocess.run([sys.executable, str(script), str(log), "--heads"], capture_output=True, text=True,
+                          check=True)
+    first, second, total = [json.loads(line) for line in done.stdout.splitlines()]
+    assert first["collapse_openings"] == {"start": 2, "refusal": 2, "compliant": 1}
+    assert second["step"] == 20 and second["collapse_openings"] == {"start": 0, "refusal": 0, "compliant": 1}
+    assert total == {"run": str(log), "key": "monitor/answers", "steps": 2, "n": 8,
+                     "collapse_openings": {"start": 2, "refusal": 2, "compliant": 2}}

@@ -100,9 +100,19 @@ gradients; AdamW's second moment (β2 = 0.999) keeps the scale of its earlier, o
 for about a thousand steps, so its steps shrink too. Logs collapse_rms, collapse_rms_loss and
 rms_at_theta (from Step 4's pass). No extra pass.
 
+Deviation (off by default): `collapse_harmful_head=H > 0` adds to the collapse term at each
+simulated point θ_k the collapse loss on the first H answer tokens of the harmful batch θ_k was
+reached with, its prompt and those H tokens only (answer_head): the simulated attacker opens its
+own harmful answers with the collapse token. On SmolLM2 the real attackers' collapse sat in the
+continuations of refusal openings ("I'm error error ...") and ended once they opened with a
+compliant one ("Sure, here are ..."; docs/methods/ctrap-smollm2.md, round 34). The attacker's
+cross-entropy on those H positions is a small part of its loss over the whole answer. One more
+forward/backward per point, on prompt + H tokens; logs collapse_loss_harmful_head.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
-θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); benign_guard adds 2,
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); collapse_harmful_head adds K
+(short ones), benign_guard adds 2,
 project_out_general 1 (none more with benign_guard on the general batch, whose
 general-gradient pass it shares);
 amortized, 1 + (2K [+ 2 | + 1])/k on average.
@@ -218,6 +228,13 @@ class CTRAPConfig(DefenseConfig):
                                    "a residual stream about R in RMS, through whose final norm every "
                                    "attacker gradient shrinks as 1/r (SmolLM2-135M: r about 29 at answer "
                                    "positions); logs collapse_rms (at θ') and rms_at_theta; no extra pass")
+    collapse_harmful_head: int = doc(0, "H, DEVIATION from the paper/official code (0 = theirs): adds to the "
+                                        "collapse term at each simulated point θ_k the collapse loss on the "
+                                        "first H answer tokens of the harmful batch θ_k was reached with "
+                                        "(its prompt and answer cut after them), so the simulated attacker "
+                                        "opens its harmful answers with the collapse token; one more "
+                                        "forward/backward per point, on prompt + H tokens; logs "
+                                        "collapse_loss_harmful_head (mean over the points)")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -225,7 +242,8 @@ class CTRAPConfig(DefenseConfig):
                                      "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches",
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-                                     "dormancy_harmful", "collapse_margin", "collapse_rms")
+                                     "dormancy_harmful", "collapse_margin", "collapse_rms",
+                                     "collapse_harmful_head")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -301,6 +319,12 @@ class CTRAPConfig(DefenseConfig):
         if isinstance(self.collapse_rms, bool) or not isinstance(self.collapse_rms, (int, float)) \
                 or not self.collapse_rms >= 0 or math.isinf(self.collapse_rms):
             raise ConfigError(f"ctrap.collapse_rms must be a finite number >= 0 (0 = off), got {self.collapse_rms!r}")
+        if isinstance(self.collapse_harmful_head, bool) or not isinstance(self.collapse_harmful_head, int) \
+                or self.collapse_harmful_head < 0:
+            raise ConfigError(f"ctrap.collapse_harmful_head must be an integer >= 0 (0 = off), got "
+                              f"{self.collapse_harmful_head!r}")
+        if self.second_order and self.collapse_harmful_head:
+            raise ConfigError("ctrap.second_order and collapse_harmful_head do not combine (first order only)")
         for name in ("dormancy", "dormancy_harmful", "collapse_margin"):
             if getattr(self, name) and self.collapse_target != "token":
                 raise ConfigError(f"ctrap.{name} is defined for collapse_target=token (a collapse token's "
@@ -316,6 +340,18 @@ def concat_batches(a: dict, b: dict, pad_id: int) -> dict:
         parts = [F.pad(x[key], (0, length - x[key].shape[1]), value=value) for x in (a, b)]
         out[key] = torch.cat(parts, dim=0)
     return out
+
+
+def answer_head(batch: dict, n: int) -> dict:
+    """The batch with only the first `n` answer labels of each row kept (the others -100) and
+    every column after the last kept label cut off: the prompt and the answer's first n tokens."""
+    answer = batch["labels"] != IGNORE_INDEX
+    keep = answer & (answer.long().cumsum(dim=1) <= n)
+    cols = keep.any(dim=0).nonzero()
+    cut = int(cols[-1]) + 1 if len(cols) else 1
+    labels = batch["labels"].masked_fill(~keep, IGNORE_INDEX)
+    return {"input_ids": batch["input_ids"][:, :cut], "attention_mask": batch["attention_mask"][:, :cut],
+            "labels": labels[:, :cut]}
 
 
 def cosine(a: list, b: list) -> float:
@@ -392,7 +428,7 @@ class CTRAP(Defense):
         super().__init__(config, batch_size)
         # the guard's general-gradient pass is the projection's when both are on (and the guard
         # steps along the general batch)
-        refresh = 2 * config.trap_steps + int(config.project_out_general)
+        refresh = (2 + bool(config.collapse_harmful_head)) * config.trap_steps + int(config.project_out_general)
         if config.benign_guard:
             refresh += 1 if config.project_out_general and not config.benign_guard_task else 2
         if config.trap_every > 1:
@@ -750,7 +786,7 @@ class CTRAP(Defense):
         `harmful` is the list of the K steps' harmful batches (harmful_batches)."""
         c = self.config
         K = c.trap_steps
-        collapse_losses, harmful_losses, points, rms_logs = [], [], [], []
+        collapse_losses, harmful_losses, points, rms_logs, head_losses = [], [], [], [], []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
                 if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the k-th step's harmful batch
@@ -766,7 +802,13 @@ class CTRAP(Defense):
                     collapse_losses.append(self._collapse_logs(logits, labels, loss_c))
                     if c.collapse_rms:
                         loss_c = loss_c + self._rms_term(seen, trap_batch["labels"], rms_logs)
-                del logits, seen
+                    del logits, seen
+                    if c.collapse_harmful_head:  # the harmful answers' first H tokens at θ_k
+                        logits, labels = self.answer_logits(answer_head(harmful[k - 1], c.collapse_harmful_head))
+                        loss_hh = self.collapse(logits, labels)
+                        head_losses.append(self._collapse_logs(logits, labels, loss_hh))
+                        loss_c = loss_c + loss_hh
+                        del logits, loss_hh
                 if apply and c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse / K)
                 elif apply:
@@ -785,6 +827,8 @@ class CTRAP(Defense):
         if rms_logs:  # collapse_rms: the means over the K points
             logs["collapse_rms"] = sum(r for r, _ in rms_logs) / K
             logs["collapse_rms_loss"] = sum(x for _, x in rms_logs) / K
+        if head_losses:
+            logs["collapse_loss_harmful_head"] = sum(head_losses) / K
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
