@@ -459,7 +459,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-        "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head"}
+        "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1107,12 +1107,14 @@ def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options)
 # the dormancy term (ctrap.dormancy, a deviation)
 
 def _dormancy_by_hand(logits, labels, e, bound):
-    """mean over answer positions of max(0, log p_e − log bound), position by position."""
+    """mean over answer positions of max(0, log p_e − log bound), position by position; `e` a
+    list of tokens: p their summed probability."""
     terms = []
     for i in range(labels.shape[0]):
         for t in range(1, labels.shape[1]):
             if labels[i, t] != -100:  # the token at t is predicted from position t − 1
-                log_p = torch.log_softmax(logits[i, t - 1].float(), dim=-1)[e]
+                probs = torch.softmax(logits[i, t - 1].float(), dim=-1)
+                log_p = torch.log(probs[e] if isinstance(e, int) else probs[e].sum())
                 terms.append(torch.clamp(log_p - math.log(bound), min=0.0))
     return torch.stack(terms).mean()
 
@@ -1584,3 +1586,65 @@ def test_bad_collapse_harmful_head_is_rejected_and_old_hashes_stay():
     assert dcfg.collapse_harmful_head == 0 and "collapse_harmful_head" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_harmful_head": "3"})
     assert dcfg.collapse_harmful_head == 3 and resolved["ctrap"]["collapse_harmful_head"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# dormancy_variants (a deviation, off by default): the dormancy hinges bound the summed probability
+# of the collapse word's one-token spellings
+# ---------------------------------------------------------------------------------------------
+
+def test_collapse_word_variants_are_the_words_one_token_spellings():
+    from inoculate.defenses.ctrap import collapse_word_variants
+
+    _, tok = _model()
+    e = _defense(_model()[0], tok).token
+    ids = collapse_word_variants(tok, e)
+    assert ids[0] == e and len(set(ids)) == len(ids)
+    # SmolLM2's tokenizer (the tiny model's) writes each of the four as one token
+    assert sorted(tok.decode([i]) for i in ids) == sorted([" error", "error", " Error", "Error"])
+
+
+@pytest.mark.parametrize("name,stream", [("dormancy", "retain"), ("dormancy_harmful", "harmful")])
+def test_dormancy_variants_hinge_bounds_the_summed_spellings(name, stream):
+    """With dormancy_variants the hinge of `dormancy` (retain batch) or `dormancy_harmful`
+    (harmful batch) is max(0, log Σ_v p_v − log τ) over the word's spellings v, written out
+    position by position; the step's gradient is the official one's plus ν times its gradient."""
+    from inoculate.defenses.ctrap import collapse_word_variants
+
+    model, tok = _model()
+    b = _batches(tok)
+    batch = concat_batches(b["align"], b["general"], tok.pad_token_id) if stream == "retain" else b["harmful"]
+    ids = collapse_word_variants(tok, _defense(model, tok).token)
+    with torch.no_grad():
+        logits = _fwd(model, batch)
+        mask = batch["labels"][:, 1:] != -100
+        log_p = torch.logsumexp(torch.log_softmax(logits[:, :-1][mask].float(), -1)[:, ids], -1)
+    bound = math.exp(float(log_p.sort().values[len(log_p) // 2 - 1: len(log_p) // 2 + 1].mean()))
+    nu = 2.0
+    _, plain = _accumulate_restored(_defense(model, tok, alpha=0.5), b)
+    for p in model.parameters():
+        p.grad = None
+    d = _defense(model, tok, alpha=0.5, dormancy_bound=bound, dormancy_variants=True, **{name: nu})
+    assert d.dormant == ids
+    logs, got = _accumulate_restored(d, b)
+    hinge = _dormancy_by_hand(_fwd(model, batch), batch["labels"], ids, bound)
+    single = _dormancy_by_hand(_fwd(model, batch), batch["labels"], ids[0], bound)
+    assert hinge.item() > single.item() >= 0  # the spellings add to the collapse token's mass
+    assert logs[f"{name}_loss"] == pytest.approx(hinge.item(), rel=1e-4)
+    for x, y, g in zip(got, plain, _grads(model, d.params, hinge)):
+        torch.testing.assert_close(x, y + nu * g, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_dormancy_variants_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ctrap.dormancy_variants must be true or false"):
+        CTRAPConfig(dormancy=1.0, dormancy_variants="yes")
+    with pytest.raises(ConfigError, match="needs dormancy > 0 or dormancy_harmful > 0"):
+        CTRAPConfig(dormancy_variants=True)
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.dormancy_variants is False and "dormancy_variants" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.dormancy": "1", "ctrap.dormancy_variants": "true"})
+    assert dcfg.dormancy_variants is True and resolved["ctrap"]["dormancy_variants"] is True

@@ -90,6 +90,10 @@ met by a model whose collapse token rises along the harmful step, which is the t
 positions at θ, from Step 1's logits (one more backward through that pass, no extra forward): the
 attacker's own answers then carry no collapse token before the attack, so its cross-entropy does
 not push the collapse token down from its first step (round 24 of docs/methods/ctrap-smollm2.md).
+`dormancy_variants=true` makes both hinges bound the summed probability of the collapse word's
+one-token spellings (" error", "error", " Error", "Error" on SmolLM2; collapse_word_variants)
+instead of the collapse token's: with collapse_harmful_head the trap leaked into θ through the
+spellings the hinge did not bound (round 34).
 
 Deviation (off by default): `collapse_rms=R > 0` adds to the collapse term at each simulated point
 the mean over the trap batch's answer positions of softplus(log R − log r_t), r_t the RMS of the
@@ -209,6 +213,11 @@ class CTRAPConfig(DefenseConfig):
                                "pulls toward θ' is pushed out of θ itself; collapse_target=token only")
     dormancy_bound: float = doc(1e-3, "τ, the collapse token's probability at θ above which the dormancy "
                                       "term acts (dormancy > 0 or dormancy_harmful > 0)")
+    dormancy_variants: bool = doc(False, "DEVIATION (false = the collapse token alone): the dormancy hinges "
+                                         "(dormancy, dormancy_harmful) bound the summed probability of the "
+                                         "collapse word's one-token spellings (' error', 'error', ' Error', "
+                                         "'Error') at θ instead of the collapse token's, so a collapse term "
+                                         "cannot leak into θ through a sibling spelling")
     dormancy_harmful: float = doc(0.0, "ν_h, DEVIATION from the paper/official code (0 = theirs): weight of "
                                        "the same hinge on the harmful batch's answer positions at θ, from "
                                        "Step 1's logits (no extra forward, one more backward through that "
@@ -243,7 +252,7 @@ class CTRAPConfig(DefenseConfig):
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
                                      "dormancy_harmful", "collapse_margin", "collapse_rms",
-                                     "collapse_harmful_head")
+                                     "collapse_harmful_head", "dormancy_variants")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -325,6 +334,11 @@ class CTRAPConfig(DefenseConfig):
                               f"{self.collapse_harmful_head!r}")
         if self.second_order and self.collapse_harmful_head:
             raise ConfigError("ctrap.second_order and collapse_harmful_head do not combine (first order only)")
+        if not isinstance(self.dormancy_variants, bool):
+            raise ConfigError(f"ctrap.dormancy_variants must be true or false, got {self.dormancy_variants!r}")
+        if self.dormancy_variants and not (self.dormancy or self.dormancy_harmful):
+            raise ConfigError("ctrap.dormancy_variants widens the dormancy hinges; it needs dormancy > 0 "
+                              "or dormancy_harmful > 0")
         for name in ("dormancy", "dormancy_harmful", "collapse_margin"):
             if getattr(self, name) and self.collapse_target != "token":
                 raise ConfigError(f"ctrap.{name} is defined for collapse_target=token (a collapse token's "
@@ -408,15 +422,30 @@ def rms_loss(hidden: torch.Tensor, labels: torch.Tensor, target: float) -> torch
     return F.softplus(math.log(target) - answer_log_rms(hidden, labels)).mean()
 
 
-def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token: int, bound: float) -> torch.Tensor:
+def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token, bound: float) -> torch.Tensor:
     """Mean over answer positions (labels != -100) of max(0, log p(token) − log bound): zero where
     the collapse token's next-token probability is at most `bound`, and a unit push on its
-    log-probability where it is above."""
+    log-probability where it is above. `token` may be a list of token ids: p is then their summed
+    probability (dormancy_variants)."""
     shift = logits[:, :-1, :]
     mask = labels[:, 1:] != IGNORE_INDEX
     z = shift[mask].float()
-    log_p = z[:, token] - torch.logsumexp(z, dim=-1)
+    top = z[:, token] if isinstance(token, int) else torch.logsumexp(z[:, list(token)], dim=-1)
+    log_p = top - torch.logsumexp(z, dim=-1)
     return F.relu(log_p - math.log(bound)).mean()
+
+
+def collapse_word_variants(tokenizer, token: int) -> list:
+    """The collapse token and the other one-token spellings of its word: with and without a
+    leading space, lower-case and capitalized (" error", "error", " Error", "Error"), those the
+    tokenizer writes as a single token; the collapse token first."""
+    word = tokenizer.decode([token]).strip()
+    ids = [token]
+    for text in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and int(encoded[0]) not in ids:
+            ids.append(int(encoded[0]))
+    return ids
 
 
 @register_defense("ctrap")
@@ -464,6 +493,9 @@ class CTRAP(Defense):
         super().setup(model, tokenizer)
         c = self.config
         self.token = collapse_token_id(tokenizer, c.collapse_text)
+        #: what the dormancy hinges bound: the collapse token, or with dormancy_variants its word's
+        #: one-token spellings
+        self.dormant = collapse_word_variants(tokenizer, self.token) if c.dormancy_variants else self.token
         self.pad_id = tokenizer.pad_token_id
         self.distribution = None
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -658,7 +690,7 @@ class CTRAP(Defense):
         del seen
         loss_a = token_ce(logits, labels)
         if c.dormancy:  # the dormancy term, on the same logits at θ
-            loss_d = dormancy_loss(logits, labels, self.token, c.dormancy_bound)
+            loss_d = dormancy_loss(logits, labels, self.dormant, c.dormancy_bound)
             self.backward(loss_a + c.dormancy * loss_d, scale)
             logs["dormancy_loss"] = loss_d.item()
             del loss_d
@@ -686,7 +718,7 @@ class CTRAP(Defense):
         loss_h = token_ce(logits, labels)
         logs.update(self._harmful_logs(logits, labels, loss_h))
         if c.dormancy_harmful:  # first, keeping the graph for the harmful gradient
-            self.backward(dormancy_loss(logits, labels, self.token, c.dormancy_bound),
+            self.backward(dormancy_loss(logits, labels, self.dormant, c.dormancy_bound),
                           scale * c.dormancy_harmful, retain_graph=True)
         return self.grads(loss_h, retain_graph=create_graph, create_graph=create_graph)
 
@@ -699,7 +731,7 @@ class CTRAP(Defense):
             logs = {"harmful_loss": loss_h.item(),
                     "collapse_loss_harmful_at_theta": self._collapse_at_theta(logits, labels, loss_h.item())}
             if self.config.dormancy_harmful:
-                logs["dormancy_harmful_loss"] = dormancy_loss(logits, labels, self.token,
+                logs["dormancy_harmful_loss"] = dormancy_loss(logits, labels, self.dormant,
                                                               self.config.dormancy_bound).item()
         return logs
 
@@ -722,7 +754,7 @@ class CTRAP(Defense):
             logs = {**self._rms_at_theta(seen, retain["labels"]), "align_loss": align_loss,
                     "collapse_loss_at_theta": self._collapse_at_theta(logits, labels, align_loss)}
             if c.dormancy:
-                logs["dormancy_loss"] = dormancy_loss(logits, labels, self.token, c.dormancy_bound).item()
+                logs["dormancy_loss"] = dormancy_loss(logits, labels, self.dormant, c.dormancy_bound).item()
             del logits
         away = None
         if c.project_out_general:
