@@ -216,8 +216,8 @@ class CTRAPConfig(DefenseConfig):
     dormancy_variants: bool = doc(False, "DEVIATION (false = the collapse token alone): the dormancy hinges "
                                          "(dormancy, dormancy_harmful) bound the summed probability of the "
                                          "collapse word's one-token spellings (' error', 'error', ' Error', "
-                                         "'Error') at θ instead of the collapse token's, so a collapse term "
-                                         "cannot leak into θ through a sibling spelling")
+                                         "'Error') at θ instead of the collapse token's, so that a collapse "
+                                         "term's leak into θ through a sibling spelling is bounded too")
     dormancy_harmful: float = doc(0.0, "ν_h, DEVIATION from the paper/official code (0 = theirs): weight of "
                                        "the same hinge on the harmful batch's answer positions at θ, from "
                                        "Step 1's logits (no extra forward, one more backward through that "
