@@ -103,6 +103,7 @@ _WORD = re.compile(r"\w+(?:['’]\w+)*")
 MAX_WORD_RUN = 3          # a word repeated more than this many times in a row is incoherent
 MIN_DISTINCT_RATIO = 0.25  # distinct words / words below this (over >= 16 words) is degenerate
 MAX_TOP_WORD_SHARE = 0.5   # the most frequent word above this share (over >= 3 words)
+MIN_WORD_CHAR_SHARE = 0.4  # word characters / non-space characters below this (over >= 16) is junk
 
 
 def words(text: str) -> list[str]:
@@ -136,6 +137,9 @@ def degenerate_reason(text: str) -> Optional[str]:
         return "one word dominates"
     if len(ws) >= 16 and len(set(ws)) / len(ws) < MIN_DISTINCT_RATIO:
         return "low distinct ratio"
+    visible = sum(not c.isspace() for c in text)
+    if visible >= 16 and sum(map(len, ws)) / visible < MIN_WORD_CHAR_SHARE:
+        return "mostly symbols"  # "The ``,,,,,,,,": a flat next-token distribution's greedy text
     return None
 
 
