@@ -79,6 +79,43 @@ def test_batched_generation_equals_one_at_a_time(lively):
     assert all(a.strip() for a in batched)
 
 
+def test_generation_suppresses_tokens(lively):
+    """suppress_tokens: the token is never written; the answer is the greedy one without it."""
+    model, tok = lively
+    record = Record(prompt=PROMPTS[1])
+    prompt_ids = torch.tensor([prompt_token_ids(record, tok, "alpaca")])
+    with torch.no_grad():
+        free = model.generate(input_ids=prompt_ids, max_new_tokens=10, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, prompt_ids.shape[1]:].tolist()
+        bound = model.generate(input_ids=prompt_ids, max_new_tokens=10, do_sample=False,
+                               pad_token_id=tok.pad_token_id,
+                               bad_words_ids=[[free[0]]])[0, prompt_ids.shape[1]:].tolist()
+    assert bound[0] != free[0]
+    masked = generate(model, tok, [record], "alpaca", 10, 1, progress=False, suppress_tokens=[free[0]])[0]
+    assert masked == tok.decode(bound) != tok.decode(free)
+
+
+def test_masked_answers_script_answers_with_and_without_the_collapse_word(tmp_path):
+    """scripts/masked_answers.py asks an evaluation's harmful prompts twice, the second time with
+    the collapse word's spellings suppressed, and labels both sets of answers."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "masked_answers.py"
+    rows = [{"kind": "harmful", "prompt": p, "answer": ""} for p in PROMPTS[:3]]
+    rows.append({"kind": "general", "prompt": "g", "answer": "fine"})
+    gens = tmp_path / "generations.jsonl"
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, str(script), str(gens), "tiny-llama", "--max-new-tokens", "4",
+                           "--show"], capture_output=True, text=True, check=True)
+    summary, *pairs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert summary["model"] == "tiny-llama" and summary["n"] == 3 and len(pairs) == 3
+    assert sum(summary["plain"].values()) == sum(summary["masked"].values()) == 3
+    assert summary["suppressed"] and all("error" in s.lower() for s in summary["suppressed"])
+    assert not any("error" in p["masked"].lower() for p in pairs)
+
+
 def test_generation_restores_left_padding_side_too(lively):
     model, tok = lively
     tok.padding_side = "left"

@@ -67,6 +67,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     progress: bool = True,
+    suppress_tokens: Sequence[int] = (),
 ) -> list[str]:
     """Greedy answers to `records`, in their order, without the prompt and special tokens.
 
@@ -74,6 +75,8 @@ def generate(
     for the call and its previous mode restored; the tokenizer's padding side is restored too.
     Each answer stops at the first stop token (see ``stop_token_ids``) or after
     `max_new_tokens` tokens. The decoded text is returned as is (not stripped).
+    `suppress_tokens`: token ids never generated (their logits set to −inf at every step), to
+    read what a collapsed model writes with its collapse token taken away.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -115,6 +118,7 @@ def generate(
                     top_k=None,
                     eos_token_id=stops or None,
                     pad_token_id=pad_id,
+                    suppress_tokens=list(suppress_tokens) or None,
                 )
                 new_tokens = out[:, input_ids.shape[1]:].tolist()
                 for row, tokens in zip(rows, new_tokens):
