@@ -32,20 +32,21 @@ def main() -> None:
     parser.add_argument("--template", default="alpaca", help="prompt template (the evaluation's)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     parser.add_argument("--show", action="store_true", help="print each plain answer beside its masked one")
     args = parser.parse_args()
 
     from inoculate.data.records import Record
     from inoculate.defenses.ctrap import collapse_word_variants
     from inoculate.evaluation import collapse_token_id, generate, keyword_label
-    from inoculate.models import load_model
+    from inoculate.models import load_model, pick_device
 
     with open(args.generations) as f:
         prompts = [Record(prompt=row["prompt"]) for row in map(json.loads, f) if row.get("kind") == "harmful"]
     if not prompts:
         raise SystemExit(f"{args.generations}: no harmful prompts (rows with kind 'harmful')")
     for spec in args.models:
-        loaded = load_model(spec)
+        loaded = load_model(spec, device=pick_device(args.device))
         model, tok = loaded.model, loaded.tokenizer
         variants = collapse_word_variants(tok, collapse_token_id(tok, args.collapse_text))
         spellings = [tok.decode([v]).strip().lower() for v in variants]
