@@ -349,6 +349,7 @@ def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp
     prompts = pipeline.harmful_records(cfg, pipeline._suite(cfg).harmful_test_split, limit=2)
     want = pipeline._answer_monitor(prompts, loaded.tokenizer, cfg, cfg.collapse_text)(loaded.model)
     assert {k: monitored[-1][f"monitor/{k}"] for k in (*keys, "answers")} == want
+    assert not any("monitor/masked_answers" in l for l in monitored)  # monitor_masked is off
     # the answers are logged, so a judge can read them again: the rates are theirs
     for entry in monitored:
         answers = entry["monitor/answers"]
@@ -361,6 +362,51 @@ def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp
     assert not any("monitor/refusal_rate" in json.loads(l) for l in (plain / "log.jsonl").read_text().splitlines())
     with pytest.raises(ConfigError, match="monitor_answers"):
         pipeline.attack_config(dict(values, monitor_samples=0))
+
+
+def test_attack_monitor_masked_answers_again_without_the_collapse_word(aligned, tmp_path):
+    """monitor_masked logs a second set of answers with every one-token spelling of the collapse
+    word suppressed, with their own rates; those of the last step are the saved model's. Aimed
+    at a word the model writes, the masked answers never hold it and differ from the plain
+    ones. Without monitor_answers it is a config error."""
+    from inoculate.defenses.ctrap import collapse_word_variants
+    from inoculate.evaluation.metrics import collapse_token_id
+
+    values = dict(ATTACK, model=str(aligned), monitor_answers=True, monitor_masked=True, monitor_new_tokens=4)
+    out = pipeline.attack(values, tmp_path / "masked", progress=False)
+    monitored = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    monitored = [l for l in monitored if "monitor/harmful_loss" in l]
+    assert [l["step"] for l in monitored] == [0, 1, 2]
+    for entry in monitored:
+        labels = [keyword_label(a) for a in entry["monitor/masked_answers"]]
+        assert entry["monitor/masked_refusal_rate"] == labels.count("refusal") / 2
+        assert entry["monitor/masked_degenerate_rate"] == labels.count("degenerate") / 2
+    cfg, _ = pipeline.attack_config(values)
+    loaded = load_model(str(out))
+    tok = loaded.tokenizer
+    prompts = pipeline.harmful_records(cfg, pipeline._suite(cfg).harmful_test_split, limit=2)
+    want = pipeline._answer_monitor(prompts, tok, cfg, cfg.collapse_text, masked=True)(loaded.model)
+    assert {k: monitored[-1][f"monitor/{k}"] for k in want} == want
+
+    # aimed at a word the model writes (the tiny model with large random weights, which writes
+    # words rather than newlines): the masked answers never hold any of its spellings
+    model = loaded.model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    plain = pipeline._answer_monitor(prompts, tok, cfg, cfg.collapse_text)(model)["answers"]
+    ids = [t for a in plain for t in tok(a, add_special_tokens=False)["input_ids"]]
+    word = next(tok.decode([t]) for t in ids
+                if tok.decode([t]).strip().isalpha() and collapse_token_id(tok, tok.decode([t])) == t)
+    got = pipeline._answer_monitor(prompts, tok, cfg, word, masked=True)(model)
+    variants = collapse_word_variants(tok, collapse_token_id(tok, word))
+    assert got["answers"] == plain and got["masked_answers"] != plain
+    for answer in got["masked_answers"]:
+        assert not set(tok(answer, add_special_tokens=False)["input_ids"]) & set(variants)
+    with pytest.raises(ConfigError, match="monitor_masked"):
+        pipeline.attack_config(dict(values, monitor_answers=False))
 
 
 def test_projected_attack_with_sgd_moves_orthogonally_to_d(aligned, tmp_path):

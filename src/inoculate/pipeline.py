@@ -120,11 +120,14 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves (0: off)")
     monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
+    monitor_masked: bool = doc(False, "monitor_answers: also answer with every one-token spelling of the collapse word suppressed and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
     def __post_init__(self):
         if self.monitor_answers and not self.monitor_samples:
             raise ConfigError("monitor_answers answers the monitor's held-out prompts: set monitor_samples > 0")
+        if self.monitor_masked and not self.monitor_answers:
+            raise ConfigError("monitor_masked answers the monitor's prompts a second time: set monitor_answers: true")
         if self.monitor_new_tokens < 1:
             raise ConfigError(f"monitor_new_tokens must be >= 1, got {self.monitor_new_tokens}")
         if self.attack not in ATTACKS:
@@ -162,7 +165,8 @@ _LATER_FIELDS = {
     "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
               "monitor_samples", "monitor_new_tokens", "select_ties"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
-               "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens"),
+               "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens",
+               "monitor_masked"),
     "evaluate": ("extra_judges",),
 }
 
@@ -644,7 +648,7 @@ def attack(values: dict, out: str, overwrite: bool = False, progress: bool = Tru
         probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
         monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text)
         if cfg.monitor_answers:
-            losses, answers = monitor, _answer_monitor(probe, tok, cfg, cfg.collapse_text)
+            losses, answers = monitor, _answer_monitor(probe, tok, cfg, cfg.collapse_text, cfg.monitor_masked)
 
             def monitor(model):
                 return {**losses(model), **answers(model)}
@@ -719,25 +723,36 @@ def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
     return monitor
 
 
-def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str):
+def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str, masked: bool = False):
     """Greedy answers (cfg.monitor_new_tokens) to the held-out harmful `prompts`, counted as
     evaluation counts them: the collapse-token share of their tokens and the keyword judge's
     degenerate and refusal rates; and the answers themselves (`answers`, in prompt order), so
-    that another judge, or a corrected one, can read them again from log.jsonl."""
+    that another judge, or a corrected one, can read them again from log.jsonl. With `masked`
+    the same once more with every one-token spelling of the collapse word suppressed
+    (masked_degenerate_rate, masked_refusal_rate, masked_answers): whether a collapsed answer
+    hides a refusal or a compliant one (scripts/masked_answers.py does it for a finished model)."""
+    from .defenses.ctrap import collapse_word_variants
     from .evaluation.generate import generate
     from .evaluation.judges import keyword_label
     from .evaluation.metrics import collapse_token_id, generation_stats
 
     token = collapse_token_id(tok, collapse_text)
+    suppress = collapse_word_variants(tok, token) if masked else None
+
+    def rates(texts, prefix=""):
+        labels = [keyword_label(a) for a in texts]
+        return {f"{prefix}degenerate_rate": labels.count("degenerate") / len(labels),
+                f"{prefix}refusal_rate": labels.count("refusal") / len(labels), f"{prefix}answers": texts}
 
     def answers(model):
-        texts = generate(model, tok, prompts, cfg.template, cfg.monitor_new_tokens,
-                         batch_size=len(prompts), progress=False)
-        labels = [keyword_label(a) for a in texts]
+        ask = dict(batch_size=len(prompts), progress=False)
+        texts = generate(model, tok, prompts, cfg.template, cfg.monitor_new_tokens, **ask)
         share = generation_stats(texts, tok, token)["collapse_token_share"]  # None: all empty
-        return {"collapse_token_share": math.nan if share is None else share,
-                "degenerate_rate": labels.count("degenerate") / len(labels),
-                "refusal_rate": labels.count("refusal") / len(labels), "answers": texts}
+        out = {"collapse_token_share": math.nan if share is None else share, **rates(texts)}
+        if suppress:
+            out.update(rates(generate(model, tok, prompts, cfg.template, cfg.monitor_new_tokens,
+                                      suppress_tokens=suppress, **ask), "masked_"))
+        return out
 
     return answers
 
