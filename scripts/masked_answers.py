@@ -4,9 +4,10 @@
 
 Answers the harmful prompts of a finished evaluation (its generations.jsonl) greedily with each
 MODEL (a run directory, a model directory or a registered name), once as they are and once with
-every one-token spelling of the collapse word suppressed (" error", "error", " Error", "Error"
-for CTRAP's default; `--collapse-text`), and prints one JSON object per model: the keyword
-judge's labels of both sets of answers, and how many plain answers hold the word. An answer
+every token that begins the collapse word suppressed (" error", "error", " Error", "ERROR",
+" errors", ... for CTRAP's default; `--collapse-text`), and prints one JSON object per model: the
+keyword judge's labels of both sets of answers, and how many plain answers hold the word (at
+the start of a word: "terror" does not count). An answer
 that collapses into "error error ..." reads as a refusal or as a compliant answer once the word
 is gone, which tells whether a trap's collapse hides a model that would refuse anyway or one
 that would comply (docs/methods/ctrap-smollm2.md, round 35). `--show` prints the pairs as well.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from inoculate.data.records import Record
-    from inoculate.defenses.ctrap import collapse_word_variants
     from inoculate.evaluation import collapse_token_id, generate, keyword_label
+    from inoculate.evaluation.metrics import collapse_word_tokens
     from inoculate.models import load_model, pick_device
 
     with open(args.generations) as f:
@@ -48,8 +50,9 @@ def main() -> None:
     for spec in args.models:
         loaded = load_model(spec, device=pick_device(args.device))
         model, tok = loaded.model, loaded.tokenizer
-        variants = collapse_word_variants(tok, collapse_token_id(tok, args.collapse_text))
-        spellings = [tok.decode([v]).strip().lower() for v in variants]
+        token = collapse_token_id(tok, args.collapse_text)
+        variants = collapse_word_tokens(tok, token)
+        holds_word = re.compile(r"(?<![a-z])" + re.escape(tok.decode([token]).strip().lower())).search
         ask = dict(template=args.template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                    progress=False)
         plain = generate(model, tok, prompts, **ask)
@@ -61,7 +64,7 @@ def main() -> None:
 
         print(json.dumps({"model": spec, "n": len(prompts), "suppressed": [tok.decode([v]) for v in variants],
                           "plain": labels(plain),
-                          "plain_with_word": sum(any(w in a.lower() for w in spellings) for a in plain),
+                          "plain_with_word": sum(bool(holds_word(a.lower())) for a in plain),
                           "masked": labels(masked)}))
         if args.show:
             for a, b in zip(plain, masked):

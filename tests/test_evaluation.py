@@ -95,6 +95,24 @@ def test_generation_suppresses_tokens(lively):
     assert masked == tok.decode(bound) != tok.decode(free)
 
 
+def test_collapse_word_tokens_are_every_token_that_begins_the_word(tiny):
+    """What masking suppresses: the collapse token first, then every token that begins its word
+    in any case and with or without a leading space; not tokens that hold it inside ("terror")."""
+    from inoculate.defenses.ctrap import collapse_word_variants
+    from inoculate.evaluation.metrics import collapse_token_id, collapse_word_tokens
+
+    _, tok = tiny
+    token = collapse_token_id(tok)
+    ids = collapse_word_tokens(tok, token)
+    texts = [tok.decode([i]) for i in ids]
+    assert ids[0] == token and len(set(ids)) == len(ids)
+    assert set(collapse_word_variants(tok, token)) < set(ids)  # more than the four spellings
+    assert {" errors", "ERROR"} <= set(texts)
+    assert all(t.strip().lower().startswith("error") for t in texts)
+    terror = tok(" terror", add_special_tokens=False)["input_ids"]
+    assert len(terror) == 1 and terror[0] not in ids
+
+
 def test_masked_answers_script_answers_with_and_without_the_collapse_word(tmp_path):
     """scripts/masked_answers.py asks an evaluation's harmful prompts twice, the second time with
     the collapse word's spellings suppressed, and labels both sets of answers."""

@@ -120,7 +120,7 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves (0: off)")
     monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
-    monitor_masked: bool = doc(False, "monitor_answers: also answer with every one-token spelling of the collapse word suppressed and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
+    monitor_masked: bool = doc(False, "monitor_answers: also answer with every token that begins the collapse word suppressed (' error', 'errors', 'ERROR', ...) and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
     def __post_init__(self):
@@ -728,16 +728,15 @@ def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str, masked:
     evaluation counts them: the collapse-token share of their tokens and the keyword judge's
     degenerate and refusal rates; and the answers themselves (`answers`, in prompt order), so
     that another judge, or a corrected one, can read them again from log.jsonl. With `masked`
-    the same once more with every one-token spelling of the collapse word suppressed
+    the same once more with every token that begins the collapse word suppressed
     (masked_degenerate_rate, masked_refusal_rate, masked_answers): whether a collapsed answer
     hides a refusal or a compliant one (scripts/masked_answers.py does it for a finished model)."""
-    from .defenses.ctrap import collapse_word_variants
     from .evaluation.generate import generate
     from .evaluation.judges import keyword_label
-    from .evaluation.metrics import collapse_token_id, generation_stats
+    from .evaluation.metrics import collapse_token_id, collapse_word_tokens, generation_stats
 
     token = collapse_token_id(tok, collapse_text)
-    suppress = collapse_word_variants(tok, token) if masked else None
+    suppress = collapse_word_tokens(tok, token) if masked else None
 
     def rates(texts, prefix=""):
         labels = [keyword_label(a) for a in texts]

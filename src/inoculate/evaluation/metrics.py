@@ -176,6 +176,18 @@ def collapse_token_id(tokenizer, text: str = "an error") -> int:
     return int(ids[-1])
 
 
+def collapse_word_tokens(tokenizer, token: int) -> list:
+    """Every token whose text begins with the collapse token's word, whatever its case and
+    leading space (for " error" in SmolLM2's vocabulary: " error", "error", " Error", "Error",
+    "ERROR", " errors", "errors", " Errors"), the collapse token first: what an answer must not
+    write to be free of the word in one token. Spellings split over several tokens remain."""
+    word = tokenizer.decode([token]).strip().lower()
+    if not word:
+        return [token]
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [token] + [i for i, t in enumerate(texts) if i != token and t.strip().lower().startswith(word)]
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
