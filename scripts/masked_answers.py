@@ -7,10 +7,11 @@ MODEL (a run directory, a model directory or a registered name), once as they ar
 every token that begins the collapse word suppressed (" error", "error", " Error", "ERROR",
 " errors", ... for CTRAP's default; `--collapse-text`), and prints one JSON object per model: the
 keyword judge's labels of both sets of answers, and how many plain answers hold the word (at
-the start of a word: "terror" does not count). An answer
-that collapses into "error error ..." reads as a refusal or as a compliant answer once the word
-is gone, which tells whether a trap's collapse hides a model that would refuse anyway or one
-that would comply (docs/methods/ctrap-smollm2.md, round 35). `--show` prints the pairs as well.
+the start of a word: "terror" does not count). An answer that collapses into "error error ..."
+reads as a refusal or as a compliant answer once the word is gone, which tells whether a trap's
+collapse hides a model that would refuse anyway or one that would comply
+(docs/methods/ctrap-smollm2.md, rounds 35-36). `--show` prints the pairs as well. An attack's
+monitor does the same at every logging step with `monitor_masked: true` (docs/attacks.md).
 """
 from __future__ import annotations
 

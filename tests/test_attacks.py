@@ -365,12 +365,11 @@ def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp
 
 
 def test_attack_monitor_masked_answers_again_without_the_collapse_word(aligned, tmp_path):
-    """monitor_masked logs a second set of answers with every one-token spelling of the collapse
-    word suppressed, with their own rates; those of the last step are the saved model's. Aimed
+    """monitor_masked logs a second set of answers with every token that begins the collapse word
+    suppressed, with their own rates; those of the last step are the saved model's. Aimed
     at a word the model writes, the masked answers never hold it and differ from the plain
     ones. Without monitor_answers it is a config error."""
-    from inoculate.defenses.ctrap import collapse_word_variants
-    from inoculate.evaluation.metrics import collapse_token_id
+    from inoculate.evaluation.metrics import collapse_token_id, collapse_word_tokens
 
     values = dict(ATTACK, model=str(aligned), monitor_answers=True, monitor_masked=True, monitor_new_tokens=4)
     out = pipeline.attack(values, tmp_path / "masked", progress=False)
@@ -389,7 +388,7 @@ def test_attack_monitor_masked_answers_again_without_the_collapse_word(aligned, 
     assert {k: monitored[-1][f"monitor/{k}"] for k in want} == want
 
     # aimed at a word the model writes (the tiny model with large random weights, which writes
-    # words rather than newlines): the masked answers never hold any of its spellings
+    # words rather than newlines): the masked answers never hold a token that begins it
     model = loaded.model
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -401,7 +400,7 @@ def test_attack_monitor_masked_answers_again_without_the_collapse_word(aligned, 
     word = next(tok.decode([t]) for t in ids
                 if tok.decode([t]).strip().isalpha() and collapse_token_id(tok, tok.decode([t])) == t)
     got = pipeline._answer_monitor(prompts, tok, cfg, word, masked=True)(model)
-    variants = collapse_word_variants(tok, collapse_token_id(tok, word))
+    variants = collapse_word_tokens(tok, collapse_token_id(tok, word))
     assert got["answers"] == plain and got["masked_answers"] != plain
     for answer in got["masked_answers"]:
         assert not set(tok(answer, add_special_tokens=False)["input_ids"]) & set(variants)
