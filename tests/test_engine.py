@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -503,6 +504,48 @@ def test_align_monitor_answers_at_every_simulated_point_and_selects_on_the_deepe
         assert len(row["monitor/ctrap/point/step1/answers"]) == 3
     info = json.loads((run / runs.RUN_MARKER).read_text())
     assert info["selected"]["key"] == key and info["selected"]["value"] == max(r[key] for r in logged)
+
+
+def test_align_monitor_masked_answers_at_theta_and_every_point_and_the_script_reads_them_again(tmp_path):
+    """monitor_masked answers the held-out prompts a second time without the collapse word, at θ
+    and at each simulated point, with their own rates; scripts/point_answers.py runs the same
+    monitor once on the finished model and prints the last logged step's counts. Without
+    monitor_samples it is a config error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from inoculate.evaluation.judges import keyword_label
+
+    cfg = dict(CTRAP_MONITORED, max_steps=1, monitor_masked=True, **{"ctrap.trap_steps": 2})
+    run = pipeline.align(cfg, tmp_path / "run", progress=False)
+    logged = _log(run)
+    assert [r["step"] for r in logged] == [0, 1]
+
+    def counts(answers):
+        labels = [keyword_label(a) for a in answers]
+        return (labels.count("degenerate"), labels.count("refusal"),
+                len(labels) - labels.count("degenerate") - labels.count("refusal"))
+
+    for row in logged:
+        for where in ("monitor/", "monitor/ctrap/point/step1/", "monitor/ctrap/point/step2/"):
+            masked = row[f"{where}masked_answers"]
+            assert len(masked) == 3 and all(isinstance(a, str) for a in masked), row
+            assert row[f"{where}masked_refusal_rate"] == counts(masked)[1] / 3
+            assert row[f"{where}masked_degenerate_rate"] == counts(masked)[0] / 3
+    script = Path(__file__).resolve().parents[1] / "scripts" / "point_answers.py"
+    done = subprocess.run([sys.executable, str(script), str(run), "--samples", "3"], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = {line.split()[0]: " ".join(line.split()[2:]) for line in done.stdout.splitlines()
+               if line.split() and line.split()[0] in ("θ", "step1", "step2")}
+    last = logged[-1]
+    for name, where in (("θ", "monitor/"), ("step1", "monitor/ctrap/point/step1/"),
+                        ("step2", "monitor/ctrap/point/step2/")):
+        want = " ".join("{} / {} / {}".format(*counts(last[f"{where}{k}"])) for k in ("answers", "masked_answers"))
+        assert printed[name] == want, done.stdout
+    with pytest.raises(pipeline.ConfigError, match="monitor_masked"):
+        pipeline.align_config(dict(ALIGN, monitor_masked=True))
 
 
 @pytest.mark.parametrize("defense,options,key", [

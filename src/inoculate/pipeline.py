@@ -77,6 +77,7 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     select_limits: list[str] = doc([], "select_by: only steps whose logged values keep these bounds, each KEY<=NUMBER or KEY>=NUMBER (e.g. monitor/collapse_token_share<=0.02 with select_by monitor/ctrap/trap_gap); the run fails if no step does")
     monitor_samples: int = doc(0, "held-out validation set measured at every logging step (0: off): the last N harmful prompts of the test split and the last N general examples (losses, greedy answers' collapse-token share, degenerate and refusal rates, the defense's own probe, e.g. monitor/ctrap/trap_gap), logged as monitor/...; select_by can name them. Evaluation reads the test split's first prompts: keep the two apart")
     monitor_new_tokens: int = doc(24, "monitor_samples: new tokens per greedy answer")
+    monitor_masked: bool = doc(False, "monitor_samples: also answer with every token that begins the collapse word suppressed, at θ and at each point the defense's probe reaches (CTRAP's simulated attackers), and log those answers' degenerate and refusal rates and the answers (masked_answers, ctrap/point/masked_answers): what a collapsed point would write without its collapse word; doubles the monitor's generation")
 
     def __post_init__(self):
         if self.select_mode not in ("min", "max"):
@@ -86,6 +87,9 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
         if self.monitor_samples < 0 or self.monitor_new_tokens < 1:
             raise ConfigError(f"monitor_samples must be >= 0 and monitor_new_tokens >= 1, got "
                               f"{self.monitor_samples} and {self.monitor_new_tokens}")
+        if self.monitor_masked and not self.monitor_samples:
+            raise ConfigError("monitor_masked answers the monitor's held-out prompts a second time: set "
+                              "monitor_samples > 0")
         if self.select_limits and not self.select_by:
             raise ConfigError("select_limits bound the candidates of select_by, which is not set")
         if self.select_by:  # checks the limits' syntax and that they are logged with select_by
@@ -163,7 +167,7 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
     "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
-              "monitor_samples", "monitor_new_tokens", "select_ties"),
+              "monitor_samples", "monitor_new_tokens", "select_ties", "monitor_masked"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens",
                "monitor_masked"),
@@ -765,7 +769,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     own `probe` on held-out batches built like its training streams (a "task" stream from the
     task's last N test examples), under the training's
     autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
-    values again at the point its simulated attack reaches (ctrap/point/collapse_token_share)."""
+    values again at the point its simulated attack reaches (ctrap/point/collapse_token_share);
+    with monitor_masked, at θ and at the points, the answers once more without the collapse word."""
     suite = _suite(cfg)
     n = cfg.monitor_samples
     harmful = harmful_records(cfg, suite.harmful_test_split, last=n)
@@ -775,7 +780,7 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
                           f"({len(harmful)} harmful, {len(general)} general)")
     collapse_text = getattr(dcfg, "collapse_text", "an error")
     losses = _loss_monitor(harmful, tok, cfg, device, collapse_text, general)
-    answers = _answer_monitor(harmful, tok, cfg, collapse_text)
+    answers = _answer_monitor(harmful, tok, cfg, collapse_text, cfg.monitor_masked)
     batches = {}
     for name, spec in defense.streams().items():
         if spec.role in ("align", "paired") and any(r.refusal is None for r in harmful):
