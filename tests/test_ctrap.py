@@ -343,6 +343,52 @@ def test_two_trap_steps_gradient_matches_the_passes_by_hand(lora, normalize, col
     assert (c1 - c2).norm() > 1e-2 * c1.norm()
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_collapse_from_step_takes_the_collapse_term_at_the_later_points_only(lora):
+    """collapse_from_step = F: the simulated attacker takes all K steps, but the collapse term is
+    the mean over θ_F..θ_K only (λ/(K − F + 1) each); no collapse pass at the earlier points,
+    whose losses are not logged; trap_gap reads the collapse points; the probe still answers at
+    every point; θ is restored bit-exactly."""
+    model, tok = _model(lora)
+    b = _batches(tok)
+    alpha, lam, scale = 0.5, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, trap_steps=3, collapse_from_step=2)
+    assert d.passes_per_step == 1 + 3 + 2
+    params = d.params
+    logs, got = _accumulate_restored(d, b, scale)
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    g_c, collapse, harmful = _trajectory_by_hand(model, params, b, retain, d.token, alpha, 3)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    expected = [scale * (a + lam * (c2 + c3) / 2) for a, _, c2, c3 in zip(g_a, *g_c)]
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    assert "collapse_loss_step1" not in logs
+    assert logs["collapse_loss_step2"] == pytest.approx(collapse[1], rel=1e-5)
+    assert logs["collapse_loss_step3"] == pytest.approx(collapse[2], rel=1e-5)
+    assert logs["collapse_loss"] == pytest.approx((collapse[1] + collapse[2]) / 2, rel=1e-5)
+    assert logs["harmful_loss_step2"] == pytest.approx(harmful[2], rel=1e-5)
+    deepest = min(collapse[1:])
+    at_theta = logs["collapse_loss_at_theta"]
+    assert logs["trap_gap"] == pytest.approx(math.exp(-deepest) - math.exp(-at_theta), rel=1e-4)
+    before = [p.detach().clone() for p in params]
+    seen = []
+    probe = d.probe(b, at_point=lambda: seen.append(1) or {"collapse_token_share": float(len(seen))})
+    assert len(seen) == 3 and probe["point/step1/collapse_token_share"] == 1.0
+    assert "collapse_loss_step1" not in probe and "collapse_loss_step2" in probe
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("value", [0, 4, 1.5, True])
+def test_bad_collapse_from_step_is_rejected_and_old_hashes_stay(value):
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ctrap.collapse_from_step must be an integer from 1 to trap_steps \(3\)"):
+        CTRAPConfig(trap_steps=3, collapse_from_step=value)
+    _, _, resolved = pipeline.align_config(dict(model="tiny-llama", defense="ctrap", **{"ctrap.trap_steps": 2}))
+    assert "collapse_from_step" not in resolved["ctrap"]
+
+
 @pytest.mark.parametrize("step_direction", ["gradient", "adam"])
 def test_trap_steps_restore_parameters_exactly_and_free_each_direction(step_direction):
     """K=3 on full weights: θ is bit-identical afterwards, and at every forward pass no direction
@@ -459,7 +505,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "trap_steps", "step_direction", "benign_guard", "project_out_general",
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
-        "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants"}
+        "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants",
+        "collapse_from_step"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",

@@ -113,10 +113,20 @@ compliant one ("Sure, here are ..."; docs/methods/ctrap-smollm2.md, round 34). T
 cross-entropy on those H positions is a small part of its loss over the whole answer. One more
 forward/backward per point, on prompt + H tokens; logs collapse_loss_harmful_head.
 
+Deviation (off by default): `collapse_from_step=F > 1` (with trap_steps = K ≥ F) takes the
+collapse term at θ_F..θ_K only, the mean over those K − F + 1 points: θ_1..θ_{F−1} are the
+simulated attacker's way there (its harmful passes, no collapse pass). On SmolLM2 a fresh LoRA
+adapter's AdamW iterates at lr 1e-2 from an SFT model still refused at θ_1, wrote broken text at
+θ_2 and answered the held-out harmful prompts compliantly and fluently from θ_3 on, so a trap at
+θ_1..θ_2 sat where the model would refuse or break anyway (docs/methods/ctrap-smollm2.md, round
+37; scripts/point_answers.py). Points before F are still answered by the alignment monitor.
+K − F + 1 collapse passes per refresh instead of K (with collapse_harmful_head, as many head
+passes).
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
-θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass); collapse_harmful_head adds K
-(short ones), benign_guard adds 2,
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass; collapse_from_step = F: K + 2 −
+F collapse passes); collapse_harmful_head adds one (short) per collapse pass, benign_guard adds 2,
 project_out_general 1 (none more with benign_guard on the general batch, whose
 general-gradient pass it shares);
 amortized, 1 + (2K [+ 2 | + 1])/k on average.
@@ -237,6 +247,11 @@ class CTRAPConfig(DefenseConfig):
                                    "a residual stream about R in RMS, through whose final norm every "
                                    "attacker gradient shrinks as 1/r (SmolLM2-135M: r about 29 at answer "
                                    "positions); logs collapse_rms (at θ') and rms_at_theta; no extra pass")
+    collapse_from_step: int = doc(1, "F, DEVIATION (1 = every simulated point, the trap_steps rule): the "
+                                     "collapse term is taken at θ_F..θ_K only (mean over those points), "
+                                     "θ_1..θ_{F-1} being the simulated attacker's way there (harmful "
+                                     "passes only), so the trap sits where the simulated attacker already "
+                                     "answers compliantly; needs trap_steps >= F")
     collapse_harmful_head: int = doc(0, "H, DEVIATION from the paper/official code (0 = theirs): adds to the "
                                         "collapse term at each simulated point θ_k the collapse loss on the "
                                         "first H answer tokens of the harmful batch θ_k was reached with "
@@ -252,7 +267,7 @@ class CTRAPConfig(DefenseConfig):
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
                                      "dormancy_harmful", "collapse_margin", "collapse_rms",
-                                     "collapse_harmful_head", "dormancy_variants")
+                                     "collapse_harmful_head", "dormancy_variants", "collapse_from_step")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -332,6 +347,10 @@ class CTRAPConfig(DefenseConfig):
                 or self.collapse_harmful_head < 0:
             raise ConfigError(f"ctrap.collapse_harmful_head must be an integer >= 0 (0 = off), got "
                               f"{self.collapse_harmful_head!r}")
+        if isinstance(self.collapse_from_step, bool) or not isinstance(self.collapse_from_step, int) \
+                or not 1 <= self.collapse_from_step <= self.trap_steps:
+            raise ConfigError(f"ctrap.collapse_from_step must be an integer from 1 to trap_steps "
+                              f"({self.trap_steps}), got {self.collapse_from_step!r}")
         if self.second_order and self.collapse_harmful_head:
             raise ConfigError("ctrap.second_order and collapse_harmful_head do not combine (first order only)")
         if not isinstance(self.dormancy_variants, bool):
@@ -457,7 +476,8 @@ class CTRAP(Defense):
         super().__init__(config, batch_size)
         # the guard's general-gradient pass is the projection's when both are on (and the guard
         # steps along the general batch)
-        refresh = (2 + bool(config.collapse_harmful_head)) * config.trap_steps + int(config.project_out_general)
+        K, points = config.trap_steps, config.trap_steps - config.collapse_from_step + 1
+        refresh = K + (1 + bool(config.collapse_harmful_head)) * points + int(config.project_out_general)
         if config.benign_guard:
             refresh += 1 if config.project_out_general and not config.benign_guard_task else 2
         if config.trap_every > 1:
@@ -782,9 +802,9 @@ class CTRAP(Defense):
         mean over answer tokens of the collapse token's probability). In [−1, 1]: 1 when one
         simulated harmful update lands fully in the collapse and θ shows none of it; about 0
         when no point collapsed, however dormant θ is, or when θ collapsed too."""
-        K = self.config.trap_steps
-        if K > 1 and "collapse_loss_step1" in logs:
-            deepest = min(logs[f"collapse_loss_step{k}"] for k in range(1, K + 1))
+        K, F = self.config.trap_steps, self.config.collapse_from_step
+        if K > 1 and f"collapse_loss_step{F}" in logs:
+            deepest = min(logs[f"collapse_loss_step{k}"] for k in range(F, K + 1))
         else:
             deepest = logs["collapse_loss"]
         h = self.target_entropy
@@ -808,8 +828,9 @@ class CTRAP(Defense):
 
         Every move happens inside one `moved` context: θ_1 is its move, θ_{k+1} is taken in place
         from θ_k, and θ is restored bit-exactly from the one saved copy at the end. Each collapse
-        gradient is weighted λ/K (K = 1: λ, the official code) and goes straight into p.grad, or
-        (amortized mode) into the cache, which so holds λ times the mean over the K points.
+        gradient is weighted λ/n (n = K − F + 1 collapse points θ_F..θ_K, F = collapse_from_step, 1
+        by default; K = 1: λ, the official code) and goes straight into p.grad, or (amortized mode)
+        into the cache, which so holds λ times the mean over the n points.
         `away` (project_out_general) is projected out of every harmful gradient. `apply=False`
         (the held-out probe) only measures the collapse losses: no collapse gradient is taken;
         `at_point()`, if given, is called at each of θ_1..θ_K and its values returned as
@@ -817,7 +838,8 @@ class CTRAP(Defense):
         `moments` (step_direction=adam) is the trajectory's Adam state after its first step.
         `harmful` is the list of the K steps' harmful batches (harmful_batches)."""
         c = self.config
-        K = c.trap_steps
+        K, F = c.trap_steps, c.collapse_from_step
+        n = K - F + 1  # the collapse points θ_F..θ_K
         collapse_losses, harmful_losses, points, rms_logs, head_losses = [], [], [], [], []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
@@ -827,6 +849,10 @@ class CTRAP(Defense):
                     direction, step = self.simulated_step(self.grads(loss_h), away, moments)  # all-reduced like g_h
                     del loss_h
                     self._step_further(direction, step)
+                if k < F:  # on the way to the collapse points: no collapse pass
+                    if at_point is not None:
+                        points.append(at_point())
+                    continue
                 with torch.set_grad_enabled(apply and torch.is_grad_enabled()):
                     with final_norm_input(self.model, bool(c.collapse_rms)) as seen:
                         logits, labels = self.answer_logits(trap_batch)
@@ -842,27 +868,27 @@ class CTRAP(Defense):
                         loss_c = loss_c + loss_hh
                         del logits, loss_hh
                 if apply and c.trap_every == 1:
-                    self.backward(loss_c, scale * c.lambda_collapse / K)
+                    self.backward(loss_c, scale * c.lambda_collapse / n)
                 elif apply:
                     g_c = self.grads(loss_c)
                     if self.cached_trap is None:
-                        self.cached_trap = [g.detach().mul_(c.lambda_collapse / K) for g in g_c]
+                        self.cached_trap = [g.detach().mul_(c.lambda_collapse / n) for g in g_c]
                     else:
                         for acc, g in zip(self.cached_trap, g_c):
-                            acc.add_(g.detach(), alpha=c.lambda_collapse / K)
+                            acc.add_(g.detach(), alpha=c.lambda_collapse / n)
                     del g_c
                 del loss_c
                 if at_point is not None:
                     points.append(at_point())
         depth = "collapse_token_share" if c.collapse_target == "token" else "degenerate_rate"
-        logs = {"collapse_loss": sum(collapse_losses) / K, **self._point_logs(points, depth)}
-        if rms_logs:  # collapse_rms: the means over the K points
-            logs["collapse_rms"] = sum(r for r, _ in rms_logs) / K
-            logs["collapse_rms_loss"] = sum(x for _, x in rms_logs) / K
+        logs = {"collapse_loss": sum(collapse_losses) / n, **self._point_logs(points, depth)}
+        if rms_logs:  # collapse_rms: the means over the n points
+            logs["collapse_rms"] = sum(r for r, _ in rms_logs) / n
+            logs["collapse_rms_loss"] = sum(x for _, x in rms_logs) / n
         if head_losses:
-            logs["collapse_loss_harmful_head"] = sum(head_losses) / K
+            logs["collapse_loss_harmful_head"] = sum(head_losses) / n
         if K > 1:
-            logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, 1)})
+            logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, F)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
         return logs
 
