@@ -119,14 +119,15 @@ simulated attacker's way there (its harmful passes, no collapse pass). On SmolLM
 adapter's AdamW iterates at lr 1e-2 from an SFT model still refused at θ_1, wrote broken text at
 θ_2 and answered the held-out harmful prompts compliantly and fluently from θ_3 on, so a trap at
 θ_1..θ_2 sat where the model would refuse or break anyway (docs/methods/ctrap-smollm2.md, round
-37; scripts/point_answers.py). Points before F are still answered by the alignment monitor.
+37; scripts/point_answers.py). With F = 3, K = 4 the trained θ moved θ_3 and θ_4 to refusals,
+then to broken models, and collapsed those (round 37). Points before F are still answered by the alignment monitor.
 K − F + 1 collapse passes per refresh instead of K (with collapse_harmful_head, as many head
 passes).
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
-θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass; collapse_from_step = F: K + 2 −
-F collapse passes); collapse_harmful_head adds one (short) per collapse pass, benign_guard adds 2,
+θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass; collapse_from_step = F: K − F +
+1 collapse passes); collapse_harmful_head adds one (short) per collapse pass, benign_guard adds 2,
 project_out_general 1 (none more with benign_guard on the general batch, whose
 general-gradient pass it shares);
 amortized, 1 + (2K [+ 2 | + 1])/k on average.
@@ -250,8 +251,8 @@ class CTRAPConfig(DefenseConfig):
     collapse_from_step: int = doc(1, "F, DEVIATION (1 = every simulated point, the trap_steps rule): the "
                                      "collapse term is taken at θ_F..θ_K only (mean over those points), "
                                      "θ_1..θ_{F-1} being the simulated attacker's way there (harmful "
-                                     "passes only), so the trap sits where the simulated attacker already "
-                                     "answers compliantly; needs trap_steps >= F")
+                                     "passes only), so the trap is asked where the simulated attacker "
+                                     "already answers compliantly (from an SFT model); needs trap_steps >= F")
     collapse_harmful_head: int = doc(0, "H, DEVIATION from the paper/official code (0 = theirs): adds to the "
                                         "collapse term at each simulated point θ_k the collapse loss on the "
                                         "first H answer tokens of the harmful batch θ_k was reached with "
