@@ -506,7 +506,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
         "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants",
-        "collapse_from_step"}
+        "collapse_from_step", "point_compliance"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1633,6 +1633,111 @@ def test_bad_collapse_harmful_head_is_rejected_and_old_hashes_stay():
     assert dcfg.collapse_harmful_head == 0 and "collapse_harmful_head" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.collapse_harmful_head": "3"})
     assert dcfg.collapse_harmful_head == 3 and resolved["ctrap"]["collapse_harmful_head"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# point_compliance (a deviation, off by default): at each collapse point the harmful answers' CE
+# with the collapse word taken out of the vocabulary
+# ---------------------------------------------------------------------------------------------
+
+def test_suppressed_ce_is_the_ce_over_the_vocabulary_without_the_suppressed_tokens():
+    from inoculate.defenses.ctrap import suppressed_ce
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 1, 3, 2], [-100, 4, 6, 0, -100]])
+    suppress = [2, 5]
+    # by hand: drop the suppressed columns, renumber the labels, leave out positions labelled 2 or 5
+    keep_cols = [j for j in range(7) if j not in suppress]
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            y = int(labels[b, t + 1])
+            if y == -100 or y in suppress:
+                continue
+            z = logits[b, t, keep_cols]
+            terms.append(-(z[keep_cols.index(y)] - torch.logsumexp(z, 0)))
+    assert len(terms) == 5  # the position labelled 2 left out
+    torch.testing.assert_close(suppressed_ce(logits, labels, suppress), torch.stack(terms).mean())
+    with pytest.raises(ValueError, match="answer"):
+        suppressed_ce(logits, torch.tensor([[-100, -100, 2, 5, -100]] * 2), suppress)
+
+
+@pytest.mark.parametrize("lora,trap_steps,from_step", [(True, 1, 1), (False, 1, 1), (True, 3, 2)])
+def test_point_compliance_gradient_matches_the_passes_by_hand(lora, trap_steps, from_step):
+    """With point_compliance = μ each collapse point's term is the CE to the token on the retain
+    batch plus μ times the harmful answers' CE with every token that begins the collapse word
+    taken out of the vocabulary; the gradient is the alignment gradient at θ plus λ/n times the
+    sum of their gradients at the n collapse points; θ is restored bit-exactly; the probe logs the
+    same loss."""
+    from inoculate.defenses.ctrap import suppressed_ce
+    from inoculate.evaluation.metrics import collapse_word_tokens
+
+    model, tok = _model(lora)
+    b = _batches(tok)
+    mu, lam, alpha = 0.7, 0.3, 0.5
+    d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, point_compliance=mu, trap_steps=trap_steps,
+                 collapse_from_step=from_step)
+    n = trap_steps - from_step + 1
+    assert d.passes_per_step == 1 + trap_steps + 2 * n
+    suppress = collapse_word_tokens(tok, d.token)
+    assert d.suppress == suppress and len(suppress) > 4  # " error", "error", " Error", "ERROR", " errors", ...
+    logs, got = _accumulate_restored(d, b)
+    params, e, harmful = d.params, d.token, b["harmful"]
+    theta = [p.detach().clone() for p in params]
+    retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
+    to_e = lambda labels: torch.where(labels != -100, e, -100)
+    g_c, seen = [torch.zeros_like(p) for p in params], []
+    for k in range(1, trap_steps + 1):  # θ_k = θ_{k-1} − α·g_h/‖g_h‖, the harmful gradient at θ_{k-1}
+        g_h = _grads(model, params, token_ce(_fwd(model, harmful), harmful["labels"]))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
+        with torch.no_grad():
+            for p, g in zip(params, g_h):
+                p.sub_(alpha * g / (norm + 1e-7))
+        if k < from_step:
+            continue
+        logits = _fwd(model, harmful)
+        under = F.cross_entropy(logits[:, :-1].flatten(0, 1).index_fill(-1, torch.tensor(suppress), -math.inf),
+                                harmful["labels"][:, 1:].flatten())  # no answer token is a spelling of the word
+        torch.testing.assert_close(under, suppressed_ce(logits, harmful["labels"], suppress))
+        seen.append(under.item())
+        loss = token_ce(_fwd(model, retain), to_e(retain["labels"])) + mu * under
+        for acc, g in zip(g_c, _grads(model, params, loss)):
+            acc.add_(g)
+    with torch.no_grad():
+        for p, q in zip(params, theta):
+            p.copy_(q)
+    assert logs["point_compliance_loss"] == pytest.approx(sum(seen) / n, rel=1e-5)
+    g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
+    for x, a, c in zip(got, g_a, g_c):
+        torch.testing.assert_close(x, a + lam / n * c, rtol=1e-4, atol=1e-7)
+    # the term is there: without it the gradient differs
+    d0 = _defense(model, tok, alpha=alpha, lambda_collapse=lam, trap_steps=trap_steps, collapse_from_step=from_step)
+    for p in params:
+        p.grad = None
+    _, plain = _accumulate_restored(d0, b)
+    assert max((x - y).abs().max().item() for x, y in zip(got, plain)) > 1e-5
+    probe = d.probe(b)
+    assert probe["point_compliance_loss"] == pytest.approx(logs["point_compliance_loss"], rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(params, theta))
+
+
+def test_bad_point_compliance_is_rejected_and_old_hashes_stay():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-0.1, float("nan"), "much", True):
+        with pytest.raises(ConfigError, match="ctrap.point_compliance must be"):
+            CTRAPConfig(point_compliance=bad)
+    with pytest.raises(ConfigError, match="second_order and point_compliance"):
+        CTRAPConfig(point_compliance=1.0, second_order=True)
+    with pytest.raises(ConfigError, match="point_compliance .* needs collapse_target=token"):
+        CTRAPConfig(point_compliance=1.0, collapse_target="uniform")
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.point_compliance == 0 and "point_compliance" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.point_compliance": "0.5"})
+    assert dcfg.point_compliance == 0.5 and resolved["ctrap"]["point_compliance"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,10 +124,22 @@ then to broken models, and collapsed those (round 37). Points before F are still
 K − F + 1 collapse passes per refresh instead of K (with collapse_harmful_head, as many head
 passes).
 
+Deviation (off by default): `point_compliance=μ > 0` adds to the collapse term at each collapse
+point θ_k μ times the cross-entropy of the harmful answers θ_k was reached with, their labels, with
+every token that begins the collapse word taken out of the vocabulary (collapse_word_tokens; the
+alignment monitor's monitor_masked suppression): underneath its collapse word the simulated
+attacker must still answer compliantly. In round 37 the trained θ met the collapse term by moving
+its simulated points to refusals and then to broken models, so the trap fired where a real
+attacker, who complies, never is. First order like the collapse term (the gradient at θ_k applied
+at θ, weighted λ/n), so it also pulls θ towards the harmful answers; the alignment term and the
+dormancy hinges hold θ. One more forward/backward per collapse point, on the harmful batch; logs
+point_compliance_loss (the mean over the points).
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass; collapse_from_step = F: K − F +
-1 collapse passes); collapse_harmful_head adds one (short) per collapse pass, benign_guard adds 2,
+1 collapse passes); collapse_harmful_head and point_compliance add one each per collapse pass
+(the head's short), benign_guard adds 2,
 project_out_general 1 (none more with benign_guard on the general batch, whose
 general-gradient pass it shares);
 amortized, 1 + (2K [+ 2 | + 1])/k on average.
@@ -143,7 +155,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
-from ..evaluation.metrics import collapse_token_id
+from ..evaluation.metrics import collapse_token_id, collapse_word_tokens
 from ._layers import final_norm_input
 from .base import NO_ANSWER_TOKENS, Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
@@ -260,6 +272,13 @@ class CTRAPConfig(DefenseConfig):
                                         "opens its harmful answers with the collapse token; one more "
                                         "forward/backward per point, on prompt + H tokens; logs "
                                         "collapse_loss_harmful_head (mean over the points)")
+    point_compliance: float = doc(0.0, "μ, DEVIATION from the paper/official code (0 = theirs): adds to the "
+                                       "collapse term at each collapse point θ_k μ times the CE of the "
+                                       "harmful answers θ_k was reached with, every token that begins the "
+                                       "collapse word taken out of the vocabulary, so the simulated attacker "
+                                       "still answers compliantly underneath its collapse (not a refusal or "
+                                       "broken text); one more forward/backward per point on the harmful "
+                                       "batch; logs point_compliance_loss (mean over the points)")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -268,7 +287,8 @@ class CTRAPConfig(DefenseConfig):
                                      "benign_guard_task", "dormancy", "dormancy_bound", "trap_lora_r",
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
                                      "dormancy_harmful", "collapse_margin", "collapse_rms",
-                                     "collapse_harmful_head", "dormancy_variants", "collapse_from_step")
+                                     "collapse_harmful_head", "dormancy_variants", "collapse_from_step",
+                                     "point_compliance")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -354,6 +374,15 @@ class CTRAPConfig(DefenseConfig):
                               f"({self.trap_steps}), got {self.collapse_from_step!r}")
         if self.second_order and self.collapse_harmful_head:
             raise ConfigError("ctrap.second_order and collapse_harmful_head do not combine (first order only)")
+        if isinstance(self.point_compliance, bool) or not isinstance(self.point_compliance, (int, float)) \
+                or not math.isfinite(self.point_compliance) or self.point_compliance < 0:
+            raise ConfigError(f"ctrap.point_compliance must be a finite number >= 0 (0 = off), got "
+                              f"{self.point_compliance!r}")
+        if self.second_order and self.point_compliance:
+            raise ConfigError("ctrap.second_order and point_compliance do not combine (first order only)")
+        if self.point_compliance and self.collapse_target != "token":
+            raise ConfigError("ctrap.point_compliance takes the collapse token's word out of the vocabulary; "
+                              f"it needs collapse_target=token, got {self.collapse_target!r}")
         if not isinstance(self.dormancy_variants, bool):
             raise ConfigError(f"ctrap.dormancy_variants must be true or false, got {self.dormancy_variants!r}")
         if self.dormancy_variants and not (self.dormancy or self.dormancy_harmful):
@@ -455,6 +484,21 @@ def dormancy_loss(logits: torch.Tensor, labels: torch.Tensor, token, bound: floa
     return F.relu(log_p - math.log(bound)).mean()
 
 
+def suppressed_ce(logits: torch.Tensor, labels: torch.Tensor, suppress: list) -> torch.Tensor:
+    """Mean over answer positions (labels != -100) of the cross-entropy to the label with the
+    `suppress` tokens taken out of the vocabulary (their logits −inf before the softmax): what the
+    answers cost a model that may not write those tokens. Positions whose label is one of them
+    are left out."""
+    z = logits[:, :-1, :]
+    y = labels[:, 1:]
+    out = torch.tensor(suppress, device=z.device)
+    keep = (y != IGNORE_INDEX) & ~torch.isin(y, out)
+    if not keep.any():
+        raise ValueError(NO_ANSWER_TOKENS)
+    z = z[keep].float().index_fill(-1, out, -math.inf)
+    return F.cross_entropy(z, y[keep])
+
+
 def collapse_word_variants(tokenizer, token: int) -> list:
     """The collapse token and the other one-token spellings of its word: with and without a
     leading space, lower-case and capitalized (" error", "error", " Error", "Error"), those the
@@ -478,7 +522,8 @@ class CTRAP(Defense):
         # the guard's general-gradient pass is the projection's when both are on (and the guard
         # steps along the general batch)
         K, points = config.trap_steps, config.trap_steps - config.collapse_from_step + 1
-        refresh = K + (1 + bool(config.collapse_harmful_head)) * points + int(config.project_out_general)
+        per_point = 1 + bool(config.collapse_harmful_head) + bool(config.point_compliance)
+        refresh = K + per_point * points + int(config.project_out_general)
         if config.benign_guard:
             refresh += 1 if config.project_out_general and not config.benign_guard_task else 2
         if config.trap_every > 1:
@@ -517,6 +562,8 @@ class CTRAP(Defense):
         #: what the dormancy hinges bound: the collapse token, or with dormancy_variants its word's
         #: one-token spellings
         self.dormant = collapse_word_variants(tokenizer, self.token) if c.dormancy_variants else self.token
+        #: what point_compliance takes out of the vocabulary: every token that begins the word
+        self.suppress = collapse_word_tokens(tokenizer, self.token) if c.point_compliance else None
         self.pad_id = tokenizer.pad_token_id
         self.distribution = None
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -842,6 +889,7 @@ class CTRAP(Defense):
         K, F = c.trap_steps, c.collapse_from_step
         n = K - F + 1  # the collapse points θ_F..θ_K
         collapse_losses, harmful_losses, points, rms_logs, head_losses = [], [], [], [], []
+        compliance_losses = []
         with self.moved(direction, step, release=True):  # θ_1; `direction` is emptied here
             for k in range(1, K + 1):
                 if k > 1:  # θ_k = θ_{k-1} − α·ĝ_h(θ_{k-1}), on the k-th step's harmful batch
@@ -868,6 +916,11 @@ class CTRAP(Defense):
                         head_losses.append(self._collapse_logs(logits, labels, loss_hh))
                         loss_c = loss_c + loss_hh
                         del logits, loss_hh
+                    if c.point_compliance:  # the harmful answers at θ_k, the collapse word taken out
+                        loss_u = suppressed_ce(*self.answer_logits(harmful[k - 1]), self.suppress)
+                        compliance_losses.append(loss_u.item())
+                        loss_c = loss_c + c.point_compliance * loss_u
+                        del loss_u
                 if apply and c.trap_every == 1:
                     self.backward(loss_c, scale * c.lambda_collapse / n)
                 elif apply:
@@ -888,6 +941,8 @@ class CTRAP(Defense):
             logs["collapse_rms_loss"] = sum(x for _, x in rms_logs) / n
         if head_losses:
             logs["collapse_loss_harmful_head"] = sum(head_losses) / n
+        if compliance_losses:
+            logs["point_compliance_loss"] = sum(compliance_losses) / n
         if K > 1:
             logs.update({f"collapse_loss_step{k}": v for k, v in enumerate(collapse_losses, F)})
             logs.update({f"harmful_loss_step{k}": v for k, v in enumerate(harmful_losses, 1)})
