@@ -133,7 +133,9 @@ its simulated points to refusals and then to broken models, so the trap fired wh
 attacker, who complies, never is. First order like the collapse term (the gradient at θ_k applied
 at θ, weighted λ/n), so it also pulls θ towards the harmful answers; the alignment term and the
 dormancy hinges hold θ. One more forward/backward per collapse point, on the harmful batch; logs
-point_compliance_loss (the mean over the points).
+point_compliance_loss (the mean over the points). On round 38 (μ = 1 on round 37's row) that loss
+stayed low while the points' greedy answers under the suppression were refusals, then the prompt
+written back or the collapse in other words ("mistake").
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
