@@ -254,11 +254,12 @@ def _accumulate_restored(d, b, scale=1.0):
     return logs, [p.grad.clone() for p in d.params]
 
 
-def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False, away=None):
+def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sign=False, away=None, extra=None):
     """The passes of K simulated steps written out: returns the collapse gradients and losses at
     θ_1..θ_K and the harmful losses at θ_0..θ_{K-1}; θ is restored at the end. `sign` moves along
     sign(g_h) (step_direction=sign) instead of g_h; `away` (project_out_general) is removed from
-    every g_h first."""
+    every g_h first; `extra()`, if given, is a loss added to the collapse loss at each point (the
+    gradients include it, the logged collapse losses do not)."""
     theta = [p.detach().clone() for p in params]
     relabelled = torch.where(trap["labels"] != -100, e, -100)
     g_c, collapse, harmful = [], [], []
@@ -277,7 +278,7 @@ def _trajectory_by_hand(model, params, b, trap, e, alpha, K, normalize=True, sig
                 p.sub_(alpha * g / (norm + 1e-7) if normalize else alpha * g)
         loss_c = token_ce(_fwd(model, trap), relabelled)
         collapse.append(float(loss_c))
-        g_c.append(_grads(model, params, loss_c))
+        g_c.append(_grads(model, params, loss_c if extra is None else loss_c + extra()))
     with torch.no_grad():
         for p, q in zip(params, theta):
             p.copy_(q)
@@ -1594,26 +1595,17 @@ def test_collapse_harmful_head_gradient_matches_the_passes_by_hand(lora, trap_st
     answer = harmful["labels"] != -100
     head_labels = torch.where(answer & (answer.long().cumsum(1) <= H), e, -100)
     assert (head_labels == e).sum(1).tolist() == [H] * harmful["labels"].shape[0]
-    to_e = lambda labels: torch.where(labels != -100, e, -100)
-    g_c, heads = [torch.zeros_like(p) for p in params], []
-    for _ in range(trap_steps):  # θ_k = θ_{k-1} − α·g_h/‖g_h‖, the harmful gradient at θ_{k-1}
-        g_h = _grads(model, params, token_ce(_fwd(model, harmful), harmful["labels"]))
-        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
-        with torch.no_grad():
-            for p, g in zip(params, g_h):
-                p.sub_(alpha * g / (norm + 1e-7))
-        head = token_ce(_fwd(model, harmful), head_labels)
-        heads.append(head.item())
-        loss = token_ce(_fwd(model, retain), to_e(retain["labels"])) + head
-        for acc, g in zip(g_c, _grads(model, params, loss)):
-            acc.add_(g)
-    with torch.no_grad():
-        for p, q in zip(params, theta):
-            p.copy_(q)
-    assert logs["collapse_loss_harmful_head"] == pytest.approx(sum(heads) / trap_steps, rel=1e-5)
+    heads = []
+
+    def head():  # the CE to the token on the harmful answers' first H tokens, at θ_k
+        heads.append(token_ce(_fwd(model, harmful), head_labels))
+        return heads[-1]
+
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, e, alpha, trap_steps, extra=head)
+    assert logs["collapse_loss_harmful_head"] == pytest.approx(sum(map(float, heads)) / trap_steps, rel=1e-5)
     g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
-    for x, a, c in zip(got, g_a, g_c):
-        torch.testing.assert_close(x, a + lam / trap_steps * c, rtol=1e-4, atol=1e-7)
+    for x, a, *c in zip(got, g_a, *g_c):
+        torch.testing.assert_close(x, a + lam / trap_steps * sum(c), rtol=1e-4, atol=1e-7)
     probe = d.probe(b)
     assert probe["collapse_loss_harmful_head"] == pytest.approx(logs["collapse_loss_harmful_head"], rel=1e-5)
     assert all(torch.equal(p, q) for p, q in zip(params, theta))
@@ -1683,34 +1675,24 @@ def test_point_compliance_gradient_matches_the_passes_by_hand(lora, trap_steps, 
     suppress = collapse_word_tokens(tok, d.token)
     assert d.suppress == suppress and len(suppress) > 4  # " error", "error", " Error", "ERROR", " errors", ...
     logs, got = _accumulate_restored(d, b)
-    params, e, harmful = d.params, d.token, b["harmful"]
+    params, harmful = d.params, b["harmful"]
     theta = [p.detach().clone() for p in params]
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
-    to_e = lambda labels: torch.where(labels != -100, e, -100)
-    g_c, seen = [torch.zeros_like(p) for p in params], []
-    for k in range(1, trap_steps + 1):  # θ_k = θ_{k-1} − α·g_h/‖g_h‖, the harmful gradient at θ_{k-1}
-        g_h = _grads(model, params, token_ce(_fwd(model, harmful), harmful["labels"]))
-        norm = torch.sqrt(sum((g ** 2).sum() for g in g_h))
-        with torch.no_grad():
-            for p, g in zip(params, g_h):
-                p.sub_(alpha * g / (norm + 1e-7))
-        if k < from_step:
-            continue
+    seen = []
+
+    def under():  # the harmful answers' CE at θ_k over the vocabulary without the word's tokens
         logits = _fwd(model, harmful)
-        under = F.cross_entropy(logits[:, :-1].flatten(0, 1).index_fill(-1, torch.tensor(suppress), -math.inf),
-                                harmful["labels"][:, 1:].flatten())  # no answer token is a spelling of the word
-        torch.testing.assert_close(under, suppressed_ce(logits, harmful["labels"], suppress))
-        seen.append(under.item())
-        loss = token_ce(_fwd(model, retain), to_e(retain["labels"])) + mu * under
-        for acc, g in zip(g_c, _grads(model, params, loss)):
-            acc.add_(g)
-    with torch.no_grad():
-        for p, q in zip(params, theta):
-            p.copy_(q)
-    assert logs["point_compliance_loss"] == pytest.approx(sum(seen) / n, rel=1e-5)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).index_fill(-1, torch.tensor(suppress), -math.inf),
+                               harmful["labels"][:, 1:].flatten())  # no answer token is a spelling of the word
+        torch.testing.assert_close(loss, suppressed_ce(logits, harmful["labels"], suppress))
+        seen.append(loss.item())
+        return mu * loss
+
+    g_c, _, _ = _trajectory_by_hand(model, params, b, retain, d.token, alpha, trap_steps, extra=under)
+    assert logs["point_compliance_loss"] == pytest.approx(sum(seen[from_step - 1:]) / n, rel=1e-5)
     g_a = _grads(model, params, token_ce(_fwd(model, retain), retain["labels"]))
-    for x, a, c in zip(got, g_a, g_c):
-        torch.testing.assert_close(x, a + lam / n * c, rtol=1e-4, atol=1e-7)
+    for x, a, *c in zip(got, g_a, *g_c[from_step - 1:]):  # the collapse points θ_F..θ_K
+        torch.testing.assert_close(x, a + lam / n * sum(c), rtol=1e-4, atol=1e-7)
     # the term is there: without it the gradient differs
     d0 = _defense(model, tok, alpha=alpha, lambda_collapse=lam, trap_steps=trap_steps, collapse_from_step=from_step)
     for p in params:
