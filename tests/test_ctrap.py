@@ -507,7 +507,7 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
         "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants",
-        "collapse_from_step", "point_compliance"}
+        "collapse_from_step", "point_compliance", "point_compliance_head"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1655,13 +1655,14 @@ def test_suppressed_ce_is_the_ce_over_the_vocabulary_without_the_suppressed_toke
         suppressed_ce(logits, torch.tensor([[-100, -100, 2, 5, -100]] * 2), suppress)
 
 
-@pytest.mark.parametrize("lora,trap_steps,from_step", [(True, 1, 1), (False, 1, 1), (True, 3, 2)])
-def test_point_compliance_gradient_matches_the_passes_by_hand(lora, trap_steps, from_step):
+@pytest.mark.parametrize("lora,trap_steps,from_step,head", [(True, 1, 1, 0), (False, 1, 1, 0), (True, 3, 2, 0),
+                                                             (True, 3, 2, 2), (False, 1, 1, 3)])
+def test_point_compliance_gradient_matches_the_passes_by_hand(lora, trap_steps, from_step, head):
     """With point_compliance = μ each collapse point's term is the CE to the token on the retain
     batch plus μ times the harmful answers' CE with every token that begins the collapse word
-    taken out of the vocabulary; the gradient is the alignment gradient at θ plus λ/n times the
-    sum of their gradients at the n collapse points; θ is restored bit-exactly; the probe logs the
-    same loss."""
+    taken out of the vocabulary (with point_compliance_head = H, on their first H answer tokens
+    only); the gradient is the alignment gradient at θ plus λ/n times the sum of their gradients
+    at the n collapse points; θ is restored bit-exactly; the probe logs the same loss."""
     from inoculate.defenses.ctrap import suppressed_ce
     from inoculate.evaluation.metrics import collapse_word_tokens
 
@@ -1669,13 +1670,20 @@ def test_point_compliance_gradient_matches_the_passes_by_hand(lora, trap_steps, 
     b = _batches(tok)
     mu, lam, alpha = 0.7, 0.3, 0.5
     d = _defense(model, tok, alpha=alpha, lambda_collapse=lam, point_compliance=mu, trap_steps=trap_steps,
-                 collapse_from_step=from_step)
+                 collapse_from_step=from_step, point_compliance_head=head)
     n = trap_steps - from_step + 1
     assert d.passes_per_step == 1 + trap_steps + 2 * n
     suppress = collapse_word_tokens(tok, d.token)
     assert d.suppress == suppress and len(suppress) > 4  # " error", "error", " Error", "ERROR", " errors", ...
     logs, got = _accumulate_restored(d, b)
-    params, harmful = d.params, b["harmful"]
+    params, harmful = d.params, dict(b["harmful"])
+    if head:  # by hand: each row's first H answer labels kept, the rest (and what follows them) ignored
+        labels = harmful["labels"].clone()
+        for row in labels:
+            answer = (row != -100).nonzero().flatten()
+            assert len(answer) > head
+            row[answer[head:]] = -100
+        harmful["labels"] = labels
     theta = [p.detach().clone() for p in params]
     retain = concat_batches(b["align"], b["general"], tok.pad_token_id)
     seen = []
@@ -1711,6 +1719,11 @@ def test_bad_point_compliance_is_rejected_and_old_hashes_stay():
     for bad in (-0.1, float("nan"), "much", True):
         with pytest.raises(ConfigError, match="ctrap.point_compliance must be"):
             CTRAPConfig(point_compliance=bad)
+    for bad in (-1, 2.5, "four", True):
+        with pytest.raises(ConfigError, match="ctrap.point_compliance_head must be"):
+            CTRAPConfig(point_compliance=1.0, point_compliance_head=bad)
+    with pytest.raises(ConfigError, match="point_compliance_head cuts point_compliance's answers, which is off"):
+        CTRAPConfig(point_compliance_head=4)
     with pytest.raises(ConfigError, match="second_order and point_compliance"):
         CTRAPConfig(point_compliance=1.0, second_order=True)
     with pytest.raises(ConfigError, match="point_compliance .* needs collapse_target=token"):
@@ -1720,6 +1733,10 @@ def test_bad_point_compliance_is_rejected_and_old_hashes_stay():
     assert dcfg.point_compliance == 0 and "point_compliance" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.point_compliance": "0.5"})
     assert dcfg.point_compliance == 0.5 and resolved["ctrap"]["point_compliance"] == 0.5
+    assert "point_compliance_head" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.point_compliance": "0.5",
+                                               "ctrap.point_compliance_head": "4"})
+    assert dcfg.point_compliance_head == 4 and resolved["ctrap"]["point_compliance_head"] == 4
 
 
 # ---------------------------------------------------------------------------------------------

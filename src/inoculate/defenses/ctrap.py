@@ -135,7 +135,9 @@ at θ, weighted λ/n), so it also pulls θ towards the harmful answers; the alig
 dormancy hinges hold θ. One more forward/backward per collapse point, on the harmful batch; logs
 point_compliance_loss (the mean over the points). On round 38 (μ = 1 on round 37's row) that loss
 stayed low while the points' greedy answers under the suppression were refusals, then the prompt
-written back or the collapse in other words ("mistake").
+written back or the collapse in other words ("mistake"). `point_compliance_head=H > 0` takes that
+CE on the harmful answers' first H tokens only (answer_head), where a greedy answer chooses between
+complying, refusing and echoing the prompt; the pass is then on prompt + H tokens.
 
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
@@ -281,6 +283,11 @@ class CTRAPConfig(DefenseConfig):
                                        "still answers compliantly underneath its collapse (not a refusal or "
                                        "broken text); one more forward/backward per point on the harmful "
                                        "batch; logs point_compliance_loss (mean over the points)")
+    point_compliance_head: int = doc(0, "H, DEVIATION (0 = the whole answer): point_compliance's CE on the "
+                                        "first H answer tokens of the harmful batch only (its prompt and "
+                                        "answer cut after them, answer_head), where a greedy answer chooses "
+                                        "between complying, refusing and echoing the prompt; needs "
+                                        "point_compliance > 0")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -290,7 +297,7 @@ class CTRAPConfig(DefenseConfig):
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
                                      "dormancy_harmful", "collapse_margin", "collapse_rms",
                                      "collapse_harmful_head", "dormancy_variants", "collapse_from_step",
-                                     "point_compliance")
+                                     "point_compliance", "point_compliance_head")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -382,6 +389,13 @@ class CTRAPConfig(DefenseConfig):
                               f"{self.point_compliance!r}")
         if self.second_order and self.point_compliance:
             raise ConfigError("ctrap.second_order and point_compliance do not combine (first order only)")
+        if isinstance(self.point_compliance_head, bool) or not isinstance(self.point_compliance_head, int) \
+                or self.point_compliance_head < 0:
+            raise ConfigError(f"ctrap.point_compliance_head must be an integer >= 0 (0 = the whole answer), got "
+                              f"{self.point_compliance_head!r}")
+        if self.point_compliance_head and not self.point_compliance:
+            raise ConfigError("ctrap.point_compliance_head cuts point_compliance's answers, which is off "
+                              "(set ctrap.point_compliance > 0)")
         if self.point_compliance and self.collapse_target != "token":
             raise ConfigError("ctrap.point_compliance takes the collapse token's word out of the vocabulary; "
                               f"it needs collapse_target=token, got {self.collapse_target!r}")
@@ -919,7 +933,10 @@ class CTRAP(Defense):
                         loss_c = loss_c + loss_hh
                         del logits, loss_hh
                     if c.point_compliance:  # the harmful answers at θ_k, the collapse word taken out
-                        loss_u = suppressed_ce(*self.answer_logits(harmful[k - 1]), self.suppress)
+                        answers = harmful[k - 1]
+                        if c.point_compliance_head:  # their first H tokens only
+                            answers = answer_head(answers, c.point_compliance_head)
+                        loss_u = suppressed_ce(*self.answer_logits(answers), self.suppress)
                         compliance_losses.append(loss_u.item())
                         loss_c = loss_c + c.point_compliance * loss_u
                         del loss_u
