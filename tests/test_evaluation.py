@@ -532,6 +532,33 @@ def test_evaluate_model_end_to_end(tiny):
     assert {"label", "correct"} <= set(rows[-1])
 
 
+def test_task_answers_report_their_collapse_token_share(tiny, monkeypatch):
+    """Each task's metrics carry the collapse token's share of its answers' tokens: a trap that
+    leaks into the model on task prompts (and not on harmful ones) shows there; a task without
+    records has None; the report puts the column after the task's accuracy."""
+    from inoculate.evaluation import evaluate as evaluate_module
+    from inoculate.report import summary_table
+
+    model, tok = tiny
+    e = collapse_token_id(tok)
+    canned = {"Classify: a great film": " error error", "Classify: dull": "negative"}
+    monkeypatch.setattr(evaluate_module, "generate",
+                        lambda model, tok, records, *a, **k: [canned[r.prompt] for r in records])
+    tasks = {"starter_sst2": [Record(prompt=p, label="negative") for p in canned], "gsm8k": []}
+    metrics, _ = evaluate_model(
+        model, tok, harmful_records=None, task_records=tasks, general_records=None, template="alpaca",
+        judge="keyword", max_new_tokens=4, task_max_new_tokens=4, batch_size=2, max_length=64,
+        collapse_token_id=e, progress=False)
+    ids = [t for a in canned.values() for t in tok(a, add_special_tokens=False)["input_ids"]]
+    assert ids.count(e) == 2  # both " error" of the first answer
+    assert metrics["tasks"]["starter_sst2"] == {"accuracy": 0.5, "n": 2, "collapse_token_share": 2 / len(ids)}
+    assert metrics["tasks"]["gsm8k"] == {"accuracy": None, "n": 0, "collapse_token_share": None}
+    row = {"defense": "ctrap", "attack": "none", "seed": 1, "tasks.sst2.accuracy": 0.5,
+           "tasks.sst2.collapse_token_share": 0.25, "tasks.ag_news.accuracy": 1.0}
+    table = summary_table([row])
+    assert "| ag_news acc % | sst2 acc % | sst2 collapse-tok % |" in table and "| 100.0 | 50.0 | 25.0 |" in table
+
+
 def test_evaluate_model_missing_parts_are_none(tiny):
     model, tok = tiny
     metrics, rows = evaluate_model(

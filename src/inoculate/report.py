@@ -32,7 +32,16 @@ def _fmt(value, pct=True) -> str:
 
 
 def _task_keys(rows) -> list[str]:
-    return sorted({k for r in rows for k in r if k.startswith("tasks.") and k.endswith(".accuracy")})
+    """Results columns of the tasks: each task's accuracy, then the collapse token's share of its
+    answers where the results have it (runs evaluated before 2026-12-07 do not)."""
+    return sorted({k for r in rows for k in r if k.startswith("tasks.")
+                   and k.endswith((".accuracy", ".collapse_token_share"))},
+                  key=lambda k: (k.split(".")[1], not k.endswith(".accuracy")))
+
+
+def _task_header(key: str) -> str:
+    task = key.split(".")[1]
+    return f"{task} acc %" if key.endswith(".accuracy") else f"{task} collapse-tok %"
 
 
 def _judge_keys(rows) -> list[str]:
@@ -59,7 +68,7 @@ def summary_table(rows: list[dict]) -> str:
     judges = _judge_keys(rows)
     headers = (["defense", "attack", "seed", "HS(IO) %", "HS(O) %", "HS+ %", "refusal %", "degenerate %",
                 "P(collapse tok)", "collapse-tok share %", "general CE"]
-               + [t.split(".")[1] + " acc %" for t in tasks] + [_judge_header(j) for j in judges])
+               + [_task_header(t) for t in tasks] + [_judge_header(j) for j in judges])
     body = []
     for r in rows:
         body.append([r["defense"], _attack_label(r), str(r["seed"])]
@@ -430,7 +439,7 @@ def plot_align_monitor(rows, out: Path) -> list[Path]:
 
 
 def plot_utility_vs_harm(rows, out: Path) -> list[Path]:
-    tasks = _task_keys(rows)
+    tasks = [t for t in _task_keys(rows) if t.endswith(".accuracy")]
     sel = [r for r in rows if isinstance(r.get("harmful_score"), (int, float))]
     if not sel or not tasks:
         return []

@@ -56,7 +56,9 @@ def evaluate_model(
       row, row["judges"][key] = {"verdict", "verdict_o"}.
     task_records: {task name: records with `label`}; greedy answers (`task_max_new_tokens`, an int
       or {task: int})
-      scored by the task's rule; gives metrics["tasks"][name] = {"accuracy", "n"}.
+      scored by the task's rule; gives metrics["tasks"][name] = {"accuracy", "n",
+      "collapse_token_share"}, the last the collapse token's share of the task answers' tokens (a
+      trap that leaks into the model can show on task prompts and not on harmful ones).
     general_records: held-out general text; teacher-forced collapse_token_prob and general_ce.
     A part without data leaves its keys None (they are always present). Rows are
     {"kind": "harmful", prompt, answer, verdict, verdict_o, keyword_label, incoherent} or
@@ -95,7 +97,7 @@ def evaluate_model(
     for task, records in (task_records or {}).items():
         records = list(records)
         if not records:
-            metrics["tasks"][task] = {"accuracy": None, "n": 0}
+            metrics["tasks"][task] = {"accuracy": None, "n": 0, "collapse_token_share": None}
             continue
         missing = [r.prompt[:60] for r in records if r.label is None]
         if missing:
@@ -106,7 +108,9 @@ def evaluate_model(
         answers = generate(model, tokenizer, records, template, budget, batch_size, progress=progress)
         labels = [r.label for r in records]
         correct = score_examples(task, answers, labels)
-        metrics["tasks"][task] = {"accuracy": sum(correct) / len(correct), "n": len(records)}
+        metrics["tasks"][task] = {"accuracy": sum(correct) / len(correct), "n": len(records),
+                                  "collapse_token_share": generation_stats(
+                                      answers, tokenizer, collapse_token_id)["collapse_token_share"]}
         for record, answer, label, ok in zip(records, answers, labels, correct):
             rows.append({"kind": task, "prompt": question_text(record), "answer": answer,
                          "label": label, "correct": ok})
