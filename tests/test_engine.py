@@ -548,6 +548,37 @@ def test_align_monitor_masked_answers_at_theta_and_every_point_and_the_script_re
         pipeline.align_config(dict(ALIGN, monitor_masked=True))
 
 
+def test_align_monitor_answers_task_prompts_and_selection_can_bound_their_collapse(tmp_path):
+    """monitor_tasks answers each task's last N test prompts at θ and logs their answers and the
+    collapse-token share (generation_stats of those answers); select_limits can name it. Without
+    monitor_samples, or with a task the suite lacks, it is a config error; at its default the
+    field stays out of the resolved config (earlier runs keep their hash)."""
+    from inoculate.evaluation.metrics import collapse_token_id, generation_stats
+    from transformers import AutoTokenizer
+
+    key = "monitor/tasks/sst2/collapse_token_share"
+    cfg = dict(CTRAP_MONITORED, max_steps=2, monitor_tasks=["sst2"], select_by="monitor/ctrap/trap_gap",
+               select_mode="max", select_limits=[f"{key}<=1"])
+    run = pipeline.align(cfg, tmp_path / "run", progress=False)
+    logged = _log(run)
+    assert [r["step"] for r in logged] == [0, 1, 2]
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    prompts = [r.prompt for r in pipeline.task_records(pipeline.align_config(cfg)[0], "sst2", train=False, last=3)]
+    assert len(prompts) == 3
+    for row in logged:
+        answers = row["monitor/tasks/sst2/answers"]
+        assert len(answers) == 3 and all(isinstance(a, str) for a in answers), row
+        share = generation_stats(answers, tok, collapse_token_id(tok))["collapse_token_share"]
+        assert row[key] == (math.nan if share is None else share) or (share is None and math.isnan(row[key]))
+    assert json.loads((run / runs.RUN_MARKER).read_text())["selected"]["limits"] == [f"{key}<=1"]
+    with pytest.raises(pipeline.ConfigError, match=r"monitor_tasks \['sst2'\] .*set monitor_samples > 0"):
+        pipeline.align_config(dict(ALIGN, monitor_tasks=["sst2"]))
+    with pytest.raises(pipeline.ConfigError, match="task 'imdb' is not in data suite"):
+        pipeline.align(dict(cfg, monitor_tasks=["imdb"]), tmp_path / "bad", progress=False)
+    assert "monitor_tasks" not in pipeline.align_config(dict(ALIGN))[2]
+    assert pipeline.align_config(cfg)[2]["monitor_tasks"] == ["sst2"]
+
+
 @pytest.mark.parametrize("defense,options,key", [
     ("booster", {}, "booster/point/refusal_rate"),
     ("seam", {"dtype": "float32"}, "seam/cos_sd"),

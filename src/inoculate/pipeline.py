@@ -78,6 +78,7 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
     monitor_samples: int = doc(0, "held-out validation set measured at every logging step (0: off): the last N harmful prompts of the test split and the last N general examples (losses, greedy answers' collapse-token share, degenerate and refusal rates, the defense's own probe, e.g. monitor/ctrap/trap_gap), logged as monitor/...; select_by can name them. Evaluation reads the test split's first prompts: keep the two apart")
     monitor_new_tokens: int = doc(24, "monitor_samples: new tokens per greedy answer")
     monitor_masked: bool = doc(False, "monitor_samples: also answer with every token that begins the collapse word suppressed, at θ and at each point the defense's probe reaches (CTRAP's simulated attackers), and log those answers' degenerate and refusal rates and the answers (masked_answers, ctrap/point/masked_answers): what a collapsed point would write without its collapse word; doubles the monitor's generation")
+    monitor_tasks: list[str] = doc([], "monitor_samples: also answer the last N test prompts of these tasks (e.g. [sst2]) greedily at θ and log the answers' collapse-token share and the answers (monitor/tasks/<task>/collapse_token_share, monitor/tasks/<task>/answers): a collapse that leaks into the model on task prompts while the harmful prompts stay clean; select_limits can bound it")
 
     def __post_init__(self):
         if self.select_mode not in ("min", "max"):
@@ -90,6 +91,9 @@ class AlignConfig(TrainingArgs, LoraFields, DataFields, ModelFields):
         if self.monitor_masked and not self.monitor_samples:
             raise ConfigError("monitor_masked answers the monitor's held-out prompts a second time: set "
                               "monitor_samples > 0")
+        if self.monitor_tasks and not self.monitor_samples:
+            raise ConfigError(f"monitor_tasks {self.monitor_tasks} answers held-out task prompts in the "
+                              "monitor: set monitor_samples > 0")
         if self.select_limits and not self.select_by:
             raise ConfigError("select_limits bound the candidates of select_by, which is not set")
         if self.select_by:  # checks the limits' syntax and that they are logged with select_by
@@ -167,7 +171,7 @@ ATTACK_DEFAULTS = dict(learning_rate=1e-5, num_train_epochs=20.0, per_device_tra
 # of the resolved config, so the config hash of earlier runs, and their reuse, is unchanged.
 _LATER_FIELDS = {
     "align": ("exclude_categories", "fsdp", "select_by", "select_mode", "select_limits",
-              "monitor_samples", "monitor_new_tokens", "select_ties", "monitor_masked"),
+              "monitor_samples", "monitor_new_tokens", "select_ties", "monitor_masked", "monitor_tasks"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens",
                "monitor_masked"),
@@ -765,7 +769,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     the weights after that step's update: on the last N harmful prompts of the test split and
     the last N general test examples (evaluation reads the first ones), the losses of
     `_loss_monitor` and general_loss; the greedy answers' (monitor_new_tokens) collapse-token
-    share and keyword degenerate / refusal rates, as evaluation counts them; and the defense's
+    share and keyword degenerate / refusal rates, as evaluation counts them (monitor_tasks: the
+    collapse-token share of the greedy answers to each task's last N test prompts, too); and the defense's
     own `probe` on held-out batches built like its training streams (a "task" stream from the
     task's last N test examples), under the training's
     autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
@@ -781,6 +786,12 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     collapse_text = getattr(dcfg, "collapse_text", "an error")
     losses = _loss_monitor(harmful, tok, cfg, device, collapse_text, general)
     answers = _answer_monitor(harmful, tok, cfg, collapse_text, cfg.monitor_masked)
+    task_answers = {}
+    for task in cfg.monitor_tasks:  # the collapse where the harmful prompts do not show it
+        records = task_records(cfg, task, train=False, last=n)
+        if not records:
+            raise ConfigError(f"monitor_tasks: task {task!r} has no held-out test records")
+        task_answers[task] = _answer_monitor(records, tok, cfg, collapse_text, False)
     batches = {}
     for name, spec in defense.streams().items():
         if spec.role in ("align", "paired") and any(r.refusal is None for r in harmful):
@@ -797,6 +808,9 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     def monitor(model):
         out = losses(model)
         out.update(answers(model))
+        for task, ask in task_answers.items():
+            got = ask(model)
+            out.update({f"tasks/{task}/{k}": got[k] for k in ("collapse_token_share", "answers")})
 
         def at_point():  # the same greedy answers where the simulated attack lands, in the same precision
             with torch.autocast(device.type, enabled=False):
