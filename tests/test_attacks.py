@@ -364,6 +364,41 @@ def test_attack_monitor_answers_logs_what_the_attacked_model_writes(aligned, tmp
         pipeline.attack_config(dict(values, monitor_samples=0))
 
 
+def test_attack_monitor_answers_task_prompts_along_the_attack(aligned, tmp_path):
+    """monitor_tasks answers each task's last N test prompts (the alignment monitor's) at every
+    logging step and logs the answers and their collapse-token share (generation_stats of those
+    answers); the last step's are the saved attacked model's. Without monitor_answers, or with a
+    task the suite lacks, it is a config error; at its default the field stays out of the
+    resolved config (earlier attacks keep their hash)."""
+    from inoculate.evaluation.metrics import collapse_token_id, generation_stats
+
+    values = dict(ATTACK, model=str(aligned), monitor_answers=True, monitor_new_tokens=3,
+                  monitor_tasks=["sst2"])
+    out = pipeline.attack(values, tmp_path / "tasks", progress=False)
+    monitored = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    monitored = [l for l in monitored if "monitor/harmful_loss" in l]
+    assert [l["step"] for l in monitored] == [0, 1, 2]
+    cfg, resolved = pipeline.attack_config(values)
+    loaded = load_model(str(out))
+    tok = loaded.tokenizer
+    for entry in monitored:
+        answers = entry["monitor/tasks/sst2/answers"]
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers), entry
+        share = generation_stats(answers, tok, collapse_token_id(tok))["collapse_token_share"]
+        got = entry["monitor/tasks/sst2/collapse_token_share"]
+        assert got == share if share is not None else got != got  # NaN: all answers empty
+    records = pipeline.task_records(cfg, "sst2", train=False, last=2)
+    want = pipeline._answer_monitor(records, tok, cfg, cfg.collapse_text)(loaded.model)["answers"]
+    assert monitored[-1]["monitor/tasks/sst2/answers"] == want
+    assert [r.prompt for r in records] == [r.prompt for r in pipeline.task_records(cfg, "sst2", False)[-2:]]
+    assert resolved["monitor_tasks"] == ["sst2"]
+    assert "monitor_tasks" not in pipeline.attack_config(dict(ATTACK, model=str(aligned)))[1]
+    with pytest.raises(ConfigError, match=r"monitor_tasks \['sst2'\] .*set monitor_answers: true"):
+        pipeline.attack_config(dict(values, monitor_answers=False))
+    with pytest.raises(ConfigError, match="task 'imdb' is not in data suite"):
+        pipeline.attack(dict(values, monitor_tasks=["imdb"]), tmp_path / "bad", progress=False)
+
+
 def test_attack_monitor_masked_answers_again_without_the_collapse_word(aligned, tmp_path):
     """monitor_masked logs a second set of answers with every token that begins the collapse word
     suppressed, with their own rates; those of the last step are the saved model's. Aimed

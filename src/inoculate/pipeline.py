@@ -129,11 +129,15 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
     monitor_masked: bool = doc(False, "monitor_answers: also answer with every token that begins the collapse word suppressed (' error', 'errors', 'ERROR', ...) and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
+    monitor_tasks: list[str] = doc([], "monitor_answers: also answer the last N test prompts of these tasks (e.g. [sst2]; the alignment monitor's) greedily at every logging step and log the answers' collapse-token share and the answers (monitor/tasks/<task>/collapse_token_share, monitor/tasks/<task>/answers): whether a harmful attack sets the trap off on task prompts, and a benign one does not")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
     def __post_init__(self):
         if self.monitor_answers and not self.monitor_samples:
             raise ConfigError("monitor_answers answers the monitor's held-out prompts: set monitor_samples > 0")
+        if self.monitor_tasks and not self.monitor_answers:
+            raise ConfigError(f"monitor_tasks {self.monitor_tasks} answers held-out task prompts in the "
+                              "monitor: set monitor_answers: true")
         if self.monitor_masked and not self.monitor_answers:
             raise ConfigError("monitor_masked answers the monitor's prompts a second time: set monitor_answers: true")
         if self.monitor_new_tokens < 1:
@@ -174,7 +178,7 @@ _LATER_FIELDS = {
               "monitor_samples", "monitor_new_tokens", "select_ties", "monitor_masked", "monitor_tasks"),
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens",
-               "monitor_masked"),
+               "monitor_masked", "monitor_tasks"),
     "evaluate": ("extra_judges",),
 }
 
@@ -656,10 +660,12 @@ def attack(values: dict, out: str, overwrite: bool = False, progress: bool = Tru
         probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
         monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text)
         if cfg.monitor_answers:
-            losses, answers = monitor, _answer_monitor(probe, tok, cfg, cfg.collapse_text, cfg.monitor_masked)
+            losses = monitor
+            answers = _answer_monitor(probe, tok, cfg, cfg.collapse_text, cfg.monitor_masked)
+            task_answers = _task_answer_monitor(cfg, tok, cfg.collapse_text)
 
             def monitor(model):
-                return {**losses(model), **answers(model)}
+                return {**losses(model), **answers(model), **task_answers(model)}
     result = train(model, attacker, streams, cfg, out, main_stream="align", monitor=monitor,
                    progress=progress)
     save_model(model, tok, out / "model", base=base)
@@ -764,6 +770,28 @@ def _answer_monitor(prompts: list[Record], tok, cfg, collapse_text: str, masked:
     return answers
 
 
+def _task_answer_monitor(cfg, tok, collapse_text: str):
+    """Greedy answers at every logging step to the last monitor_samples test prompts of each task
+    of cfg.monitor_tasks (the held-out ones evaluation does not read), logged as
+    tasks/<task>/collapse_token_share and tasks/<task>/answers: a collapse can show on task prompts
+    while the harmful prompts stay clean, or the reverse."""
+    asks = {}
+    for task in cfg.monitor_tasks:
+        records = task_records(cfg, task, train=False, last=cfg.monitor_samples)
+        if not records:
+            raise ConfigError(f"monitor_tasks: task {task!r} has no held-out test records")
+        asks[task] = _answer_monitor(records, tok, cfg, collapse_text, False)
+
+    def monitor(model):
+        out = {}
+        for task, ask in asks.items():
+            got = ask(model)
+            out.update({f"tasks/{task}/{k}": got[k] for k in ("collapse_token_share", "answers")})
+        return out
+
+    return monitor
+
+
 def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     """The alignment's held-out monitor (monitor_samples = N > 0), run at every logging step on
     the weights after that step's update: on the last N harmful prompts of the test split and
@@ -786,12 +814,7 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     collapse_text = getattr(dcfg, "collapse_text", "an error")
     losses = _loss_monitor(harmful, tok, cfg, device, collapse_text, general)
     answers = _answer_monitor(harmful, tok, cfg, collapse_text, cfg.monitor_masked)
-    task_answers = {}
-    for task in cfg.monitor_tasks:  # the collapse where the harmful prompts do not show it
-        records = task_records(cfg, task, train=False, last=n)
-        if not records:
-            raise ConfigError(f"monitor_tasks: task {task!r} has no held-out test records")
-        task_answers[task] = _answer_monitor(records, tok, cfg, collapse_text, False)
+    task_answers = _task_answer_monitor(cfg, tok, collapse_text)
     batches = {}
     for name, spec in defense.streams().items():
         if spec.role in ("align", "paired") and any(r.refusal is None for r in harmful):
@@ -808,9 +831,7 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     def monitor(model):
         out = losses(model)
         out.update(answers(model))
-        for task, ask in task_answers.items():
-            got = ask(model)
-            out.update({f"tasks/{task}/{k}": got[k] for k in ("collapse_token_share", "answers")})
+        out.update(task_answers(model))
 
         def at_point():  # the same greedy answers where the simulated attack lands, in the same precision
             with torch.autocast(device.type, enabled=False):
