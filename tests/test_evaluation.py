@@ -31,6 +31,8 @@ from inoculate.evaluation import (
 )
 from inoculate.evaluation.judges import BEAVER_DAM_PROMPT, harmful_label_index
 from inoculate.models import add_lora, load_model
+from inoculate import pipeline
+from inoculate.config import ConfigError
 from inoculate.registry import UnknownNameError
 
 PROMPTS = [
@@ -557,6 +559,46 @@ def test_task_answers_report_their_collapse_token_share(tiny, monkeypatch):
            "tasks.sst2.collapse_token_share": 0.25, "tasks.ag_news.accuracy": 1.0}
     table = summary_table([row])
     assert "| ag_news acc % | sst2 acc % | sst2 collapse-tok % |" in table and "| 100.0 | 50.0 | 25.0 |" in table
+
+
+def test_general_answers_report_their_collapse_token_share(tiny, monkeypatch):
+    """With general_new_tokens > 0 the general prompts are also answered greedily (that many new
+    tokens): general_collapse_token_share is the collapse token's share of those answers' tokens,
+    and the answers are rows of kind "general"; at 0 the key is None and no general answer is
+    generated. The report shows the column only where some row has it."""
+    from inoculate.evaluation import evaluate as evaluate_module
+    from inoculate.report import summary_table
+
+    model, tok = tiny
+    e = collapse_token_id(tok)
+    canned = {"Tell me about cats.": " error error error", "Name a colour.": "Blue is a colour."}
+    asked = []
+
+    def fake_generate(model, tok, records, template, new_tokens, *a, **k):
+        asked.append(new_tokens)
+        return [canned[r.prompt] for r in records]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    general = [Record(prompt=p, response="Cats are small mammals.") for p in canned]
+    ask = dict(harmful_records=None, task_records={}, general_records=general, template="alpaca",
+               judge="keyword", max_new_tokens=4, task_max_new_tokens=4, batch_size=2, max_length=64,
+               collapse_token_id=e, progress=False)
+    metrics, rows = evaluate_model(model, tok, **ask, general_new_tokens=7)
+    ids = [t for a in canned.values() for t in tok(a, add_special_tokens=False)["input_ids"]]
+    assert ids.count(e) == 3 and asked == [7]
+    assert metrics["general_collapse_token_share"] == 3 / len(ids)
+    assert metrics["general_ce"] is not None  # the teacher-forced numbers are still there
+    assert rows == [{"kind": "general", "prompt": p, "answer": a} for p, a in canned.items()]
+    off, off_rows = evaluate_model(model, tok, **ask)
+    assert off["general_collapse_token_share"] is None and off_rows == [] and asked == [7]
+    row = {"defense": "ctrap", "attack": "none", "seed": 1, "general_ce": 1.5,
+           "general_collapse_token_share": 0.25}
+    assert "| general CE | general collapse-tok % |" in summary_table([row])
+    assert "| 1.5 | 25.0 |" in summary_table([row])
+    assert "general collapse-tok" not in summary_table([dict(row, general_collapse_token_share=None)])
+    with pytest.raises(ConfigError, match="general_new_tokens must be >= 0"):
+        pipeline.eval_config(dict(model="x", general_new_tokens=-1))
+    assert "general_new_tokens" not in pipeline.eval_config(dict(model="x"))[1]
 
 
 def test_evaluate_model_missing_parts_are_none(tiny):

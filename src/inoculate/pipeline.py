@@ -179,7 +179,7 @@ _LATER_FIELDS = {
     "attack": ("harmful_categories", "exclude_categories", "objective", "projection_direction",
                "projection_refresh", "projection_samples", "monitor_answers", "monitor_new_tokens",
                "monitor_masked", "monitor_tasks"),
-    "evaluate": ("extra_judges",),
+    "evaluate": ("extra_judges", "general_new_tokens"),
 }
 
 
@@ -220,6 +220,11 @@ class EvalConfig(DataFields, ModelFields):
     gsm8k_max_new_tokens: int = doc(256, "new tokens per GSM8K answer")
     batch_size: int = doc(16, "prompts per generation batch")
     collapse_text: str = doc("an error", "text whose last token is the collapse token")
+    general_new_tokens: int = doc(0, "general: also answer the general prompts greedily with this many new tokens and report the answers' collapse-token share (general_collapse_token_share; 0: teacher-forced numbers only)")
+
+    def __post_init__(self):
+        if self.general_new_tokens < 0:
+            raise ConfigError(f"general_new_tokens must be >= 0, got {self.general_new_tokens}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,7 +887,7 @@ def evaluate(values: dict, out: str, overwrite: bool = False, progress: bool = T
                              for t in tasks},
         batch_size=cfg.batch_size,
         max_length=cfg.max_length, collapse_token_id=collapse_token_id(loaded.tokenizer, cfg.collapse_text),
-        progress=progress, extra_judges=extra)
+        progress=progress, extra_judges=extra, general_new_tokens=cfg.general_new_tokens)
     metrics["model"] = cfg.model
     runs.atomic_write_text(out / "generations.jsonl",
                            "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))

@@ -66,8 +66,12 @@ def summary_table(rows: list[dict]) -> str:
     """One row per (defense, attack): the headline metrics, in percent except CE."""
     tasks = _task_keys(rows)
     judges = _judge_keys(rows)
+    # the general answers' share where an evaluation generated them (evaluate's general_new_tokens)
+    general = ["general_collapse_token_share"] if any(
+        r.get("general_collapse_token_share") is not None for r in rows) else []
     headers = (["defense", "attack", "seed", "HS(IO) %", "HS(O) %", "HS+ %", "refusal %", "degenerate %",
                 "P(collapse tok)", "collapse-tok share %", "general CE"]
+               + ["general collapse-tok %"] * len(general)
                + [_task_header(t) for t in tasks] + [_judge_header(j) for j in judges])
     body = []
     for r in rows:
@@ -76,7 +80,7 @@ def summary_table(rows: list[dict]) -> str:
                                                  "degenerate_rate")]
                     + [_fmt(r.get("collapse_token_prob"), pct=False), _fmt(r.get("collapse_token_share")),
                        _fmt(r.get("general_ce"), pct=False)]
-                    + [_fmt(r.get(t)) for t in tasks] + [_fmt(r.get(j)) for j in judges])
+                    + [_fmt(r.get(t)) for t in general + tasks] + [_fmt(r.get(j)) for j in judges])
     return markdown_table(headers, body)
 
 

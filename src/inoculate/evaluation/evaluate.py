@@ -11,7 +11,7 @@ from .metrics import collapse_metrics, generation_stats, harmful_metrics, score_
 HARMFUL_KEYS = ("harmful_score", "hs_io", "hs_o", "hs_plus", "mean_harm_score", "refusal_rate",
                 "degenerate_rate", "judge")
 GENERATION_KEYS = ("collapse_token_share", "distinct_1", "distinct_2")
-COLLAPSE_KEYS = ("collapse_token_prob", "general_ce", "general_ppl")
+COLLAPSE_KEYS = ("collapse_token_prob", "general_ce", "general_ppl", "general_collapse_token_share")
 
 
 def question_text(record: Record) -> str:
@@ -45,6 +45,7 @@ def evaluate_model(
     collapse_token_id: int,
     progress: bool = True,
     extra_judges: Optional[dict] = None,
+    general_new_tokens: int = 0,
 ) -> tuple[dict, list[dict]]:
     """Evaluate `model` and return (metrics, generation rows).
 
@@ -59,10 +60,13 @@ def evaluate_model(
       scored by the task's rule; gives metrics["tasks"][name] = {"accuracy", "n",
       "collapse_token_share"}, the last the collapse token's share of the task answers' tokens (a
       trap that leaks into the model can show on task prompts and not on harmful ones).
-    general_records: held-out general text; teacher-forced collapse_token_prob and general_ce.
+    general_records: held-out general text; teacher-forced collapse_token_prob and general_ce,
+      and with `general_new_tokens` > 0 greedy answers of that length to its prompts, whose
+      collapse-token share is general_collapse_token_share (a collapse shows in what the model
+      writes on ordinary prompts, which the teacher-forced numbers can miss).
     A part without data leaves its keys None (they are always present). Rows are
     {"kind": "harmful", prompt, answer, verdict, verdict_o, keyword_label, incoherent} or
-    {"kind": <task>, prompt, answer, label, correct}.
+    {"kind": <task>, prompt, answer, label, correct} or {"kind": "general", prompt, answer}.
     """
     if isinstance(judge, str):
         judge = make_judge(judge)
@@ -118,7 +122,15 @@ def evaluate_model(
     if general_records:
         collapse = collapse_metrics(model, tokenizer, list(general_records), template,
                                     collapse_token_id, max_length, batch_size)
-        metrics.update({key: collapse[key] for key in COLLAPSE_KEYS})
+        metrics.update({key: collapse[key] for key in COLLAPSE_KEYS if key in collapse})
         metrics["n_general"] = collapse["n_general"]
+        if general_new_tokens > 0:
+            general_records = list(general_records)
+            answers = generate(model, tokenizer, general_records, template, general_new_tokens,
+                               batch_size, progress=progress)
+            metrics["general_collapse_token_share"] = generation_stats(
+                answers, tokenizer, collapse_token_id)["collapse_token_share"]
+            rows += [{"kind": "general", "prompt": question_text(r), "answer": a}
+                     for r, a in zip(general_records, answers)]
 
     return metrics, rows
