@@ -214,7 +214,7 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
     """One figure per defense whose alignment logged monitor values (one line per seed and
     value; the defense's probe keys, monitor/<defense>/<key>, in their own panels); none for a
     defense without them."""
-    from inoculate.report import _monitor_series, plot_align_monitor
+    from inoculate.report import _MONITOR_PANELS, _monitor_series, plot_align_monitor
 
     rows = []
     for defense, seed, monitored in (("ctrap", 1, True), ("ctrap", 2, True), ("sft", 1, False)):
@@ -235,8 +235,11 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
     assert _monitor_series(entries, "collapse_loss") == {"collapse_loss": [(0, 5.0), (1, 4.0), (2, 3.0)]}
     assert _monitor_series(entries, "*/collapse_loss") == {}
     assert list(_monitor_series(entries, "*/point/collapse_token_share")) == ["ctrap/point/collapse_token_share"]
+    tasks = [{"step": 0, "monitor/tasks/sst2/collapse_token_share": 0.5, "monitor/tasks/sst2/answers": ["x"],
+              "monitor/ctrap/tasks/collapse_token_share": 1.0}]
+    assert _monitor_series(tasks, "tasks/*/collapse_token_share") == {"tasks/sst2/collapse_token_share": [(0, 0.5)]}
+    assert any("tasks/*/collapse_token_share" in keys for _, _, keys in _MONITOR_PANELS)
     # every defense's probe has its values in the panels
-    from inoculate.report import _MONITOR_PANELS
     paneled = {k[2:] for _, _, keys in _MONITOR_PANELS for k in keys if k.startswith("*/")}
     assert {"trap_gap", "cos_sd", "harmful_reduction", "tamper_loss_end", "point/refusal_rate",
             "perturbation_gap", "harmful_lens_loss", "npo_loss"} <= paneled
@@ -244,8 +247,9 @@ def test_align_monitor_plot_reads_the_align_logs(tmp_path):
 
 def test_attack_plot_draws_the_answers_where_an_attack_monitored_them(tmp_path):
     """The attack plot has the three loss panels, and a fourth with the greedy answers'
-    collapse-token share when an attack logged it (monitor_answers)."""
-    from inoculate.report import _attack_panels, plot_attack_losses
+    collapse-token share when an attack logged it (monitor_answers), with the task prompts'
+    shares where it logged them (monitor_tasks)."""
+    from inoculate.report import _attack_panels, _task_share_keys, plot_attack_losses
 
     losses = {"monitor/harmful_loss": 2.0, "monitor/alignment_loss": 1.0, "monitor/collapse_loss": 5.0}
     plain = {"a (s1)": [dict(losses, step=s) for s in range(3)]}
@@ -253,6 +257,10 @@ def test_attack_plot_draws_the_answers_where_an_attack_monitored_them(tmp_path):
                                     for s in range(3)]}
     assert [p[0] for p in _attack_panels(plain)] == ["harmful_loss", "alignment_loss", "collapse_loss"]
     assert [p[0] for p in _attack_panels(answered)][-1] == "collapse_token_share"
+    answered["b (s1)"] = [dict(e, **{"monitor/tasks/sst2/collapse_token_share": 0.1, "monitor/tasks/sst2/answers": []})
+                          for e in answered["b (s1)"]]
+    assert _task_share_keys(answered["b (s1)"]) == ["tasks/sst2/collapse_token_share"]
+    assert _task_share_keys(plain["a (s1)"]) == []
     rows = []
     for attack, entries in answered.items():
         run = tmp_path / attack.split()[0]

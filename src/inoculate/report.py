@@ -343,10 +343,17 @@ def _attack_panels(curves: dict) -> list[tuple]:
     return panels
 
 
+def _task_share_keys(entries: list[dict]) -> list[str]:
+    """The task answers' collapse-token shares an attack logged (monitor_tasks), as monitor keys
+    without the prefix: tasks/<task>/collapse_token_share."""
+    names = {k[len("monitor/"):] for e in entries for k in e if k.startswith("monitor/tasks/")}
+    return sorted(n for n in names if _key_matches("tasks/*/collapse_token_share", n))
+
+
 def plot_attack_losses(rows, out: Path) -> list[Path]:
     """Per defense: harmful, alignment and collapse loss on held-out harmful prompts while each
     attack trains (from the attack run's log.jsonl), and the greedy answers' collapse-token
-    share where the attack monitored its answers."""
+    share where the attack monitored its answers (dashed: on each task's prompts, monitor_tasks)."""
     plt = _plt()
     made = []
     for d in dict.fromkeys(r["defense"] for r in rows):
@@ -369,6 +376,14 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
                 pts = [(e["step"], e[f"monitor/{key}"]) for e in entries if f"monitor/{key}" in e]
                 if pts:
                     ax.plot(*zip(*pts), marker=".", label=label, color=f"C{i % 10}")
+                if key == "collapse_token_share":  # the task prompts' answers, dashed
+                    for task_key in _task_share_keys(entries):
+                        pts = [(e["step"], e[f"monitor/{task_key}"]) for e in entries
+                               if f"monitor/{task_key}" in e]
+                        ax.plot(*zip(*pts), marker=".", linestyle="--", color=f"C{i % 10}",
+                                label=f"{label}: {task_key.split('/')[1]} prompts")
+            if key == "collapse_token_share" and any(_task_share_keys(e) for e in curves.values()):
+                ax.legend(fontsize=7)
             ax.set_title(title)
             ax.set_xlabel("attack step")
             ax.set_ylabel(ylabel)
@@ -379,19 +394,26 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
     return made
 
 
-# Panels of the alignment monitor plot: (title, y label, monitor keys; "*/" matches the
-# defense's own probe, logged as monitor/<defense>/<key>)
+# Panels of the alignment monitor plot: (title, y label, monitor keys; a "*" segment matches any
+# one segment: "*/..." the defense's own probe, logged as monitor/<defense>/<key>, and
+# "tasks/*/..." each task of monitor_tasks)
 _MONITOR_PANELS = (
     ("greedy answers to held-out harmful prompts", "fraction",
      ("collapse_token_share", "degenerate_rate", "refusal_rate", "*/point/collapse_token_share",
       "*/point/deepest/collapse_token_share", "*/point/shallowest/collapse_token_share",
-      "*/point/refusal_rate")),
+      "*/point/refusal_rate", "tasks/*/collapse_token_share")),
     ("teacher-forced collapse loss", "cross-entropy (nats/token)",
      ("collapse_loss", "*/collapse_loss_at_theta", "*/collapse_loss")),
     ("the defense's probe", "value",
      ("*/trap_gap", "*/cos_sd", "*/harmful_reduction", "*/tamper_loss_start", "*/tamper_loss_end",
       "*/perturbation_gap", "*/harmful_lens_loss", "*/npo_loss")),
 )
+
+
+def _key_matches(pattern: str, name: str) -> bool:
+    """Whether a logged name matches a panel key segment by segment ("*": any one segment)."""
+    want, got = pattern.split("/"), name.split("/")
+    return len(want) == len(got) and all(w in ("*", g) for w, g in zip(want, got))
 
 
 def _monitor_series(entries: list[dict], key: str) -> dict[str, list]:
@@ -402,9 +424,7 @@ def _monitor_series(entries: list[dict], key: str) -> dict[str, list]:
             if not name.startswith("monitor/") or not isinstance(value, (int, float)):
                 continue
             rest = name[len("monitor/"):]
-            hit = rest == key if not key.startswith("*/") else (
-                "/" in rest and rest.split("/", 1)[1] == key[2:])
-            if hit:
+            if _key_matches(key, rest):
                 series.setdefault(rest, []).append((e["step"], value))
     return series
 
