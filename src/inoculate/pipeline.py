@@ -129,7 +129,7 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
     monitor_masked: bool = doc(False, "monitor_answers: also answer with every token that begins the collapse word suppressed (' error', 'errors', 'ERROR', ...) and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
-    monitor_tasks: list[str] = doc([], "monitor_answers: also answer the last N test prompts of these tasks (e.g. [sst2]; the alignment monitor's) greedily at every logging step and log the answers' collapse-token share and the answers (monitor/tasks/<task>/collapse_token_share, monitor/tasks/<task>/answers): whether a harmful attack sets the trap off on task prompts, and a benign one does not")
+    monitor_tasks: list[str] = doc([], "monitor_answers: also answer the last N (monitor_samples) test prompts of these tasks (e.g. [sst2]; the alignment monitor's at the same N) greedily at every logging step and log the answers' collapse-token share and the answers (monitor/tasks/<task>/collapse_token_share, monitor/tasks/<task>/answers): whether a harmful attack sets the trap off on task prompts, and a benign one does not")
     collapse_text: str = doc("an error", "text whose last token is the collapse token (loss curves)")
 
     def __post_init__(self):
@@ -803,8 +803,8 @@ def _align_monitor(cfg: AlignConfig, dcfg, defense, tok, device):
     the last N general test examples (evaluation reads the first ones), the losses of
     `_loss_monitor` and general_loss; the greedy answers' (monitor_new_tokens) collapse-token
     share and keyword degenerate / refusal rates, as evaluation counts them (monitor_tasks: the
-    collapse-token share of the greedy answers to each task's last N test prompts, too); and the defense's
-    own `probe` on held-out batches built like its training streams (a "task" stream from the
+    same share on each task's last N test prompts, `_task_answer_monitor`); and the defense's own
+    `probe` on held-out batches built like its training streams (a "task" stream from the
     task's last N test examples), under the training's
     autocast, logged as <defense>/<key> (CTRAP: ctrap/trap_gap), with the greedy answers'
     values again at the point its simulated attack reaches (ctrap/point/collapse_token_share);
