@@ -36,9 +36,7 @@ See docs/methods/seam.md for where this differs from the paper and the authors' 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -46,9 +44,10 @@ import torch
 
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
+from . import _coupling as coupling
 from ._layers import answer_labels, ce_rows, final_norm, logit_lens_sum, output_head, recorded_outputs, unwrap
-from .base import (Defense, DefenseConfig, StreamSpec, accepts_logits_to_keep, average_across_processes,
-                   dot, global_norm, keep_positions, register_defense)
+from .base import (Defense, DefenseConfig, StreamSpec, accepts_logits_to_keep, global_norm, keep_positions,
+                   register_defense)
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +106,6 @@ def answer_ce(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def _trim(batch: dict, keep: int) -> dict:
     """The batch's last `keep` positions (every [B, T] tensor)."""
     return {k: v[:, -keep:] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
-
-
-def _fp32(g: torch.Tensor) -> torch.Tensor:
-    """Detached, in at least fp32 (fp64 stays fp64)."""
-    return g.detach().to(torch.promote_types(g.dtype, torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,91 +201,13 @@ class SEAM(Defense):
         out, cut = self.answer_forward(benign)
         return answer_ce(out.logits, cut)
 
-    # -- ∇L_sd --------------------------------------------------------------------------------
-    def _sd_precision(self):
-        """Autocast off for the L_sd passes (sd_fp32), wherever the engine turned it on."""
-        device = self.params[0].device
-        if self.config.sd_fp32 and torch.is_autocast_enabled(device.type):
-            return torch.autocast(device.type, enabled=False)
-        return contextlib.nullcontext()
-
+    # -- ∇L_sd (the shared coupling term, _coupling.py) ---------------------------------------
     def self_destruct_grad(self, harmful: dict, benign: dict) -> Tuple[List[torch.Tensor], dict]:
         """∇_θ cos(g_a, g_b) (without β), by finite differences (code) or exact HVPs (option).
         Returns the gradient as fp32 tensors aligned with self.params, and the logs."""
-        with self._sd_precision():
-            if self.config.exact_hvp:
-                return self._sd_grad_exact(harmful, benign)
-            return self._sd_grad_fd(harmful, benign)
-
-    @staticmethod
-    def _norms_and_cosine(g_a, g_b):
-        """‖g_a‖, ‖g_b‖ and c = g_a·g_b / (‖g_a‖‖g_b‖ + 1e-8), as the code (fp32)."""
-        n_a, n_b = global_norm(g_a), global_norm(g_b)
-        for name, n in (("harmful", n_a), ("benign", n_b)):
-            if not (float(n) > 0 and math.isfinite(float(n))):
-                raise FloatingPointError(f"seam: the {name} gradient norm is {float(n)}; L_sd needs a "
-                                         f"non-zero finite gradient (check the data and learning rate)")
-        return n_a, n_b, dot(g_a, g_b) / (n_a * n_b + 1e-8)
-
-    @staticmethod
-    def _direction(g_x, n_x, g_y, n_y, cos):
-        """ĝ_x − c·ĝ_y (fp32): H_y acts on it, i.e. θ moves this way to re-measure g_y."""
-        return [x / n_x - cos * y / n_y for x, y in zip(g_x, g_y)]
-
-    def _gradients(self, harmful, benign):
-        """Steps 3-4: (loss_a, g_a, loss_b, g_b) with the gradients in fp32, and the RNG states
-        the two passes started from (for the moved passes to replay their dropout masks)."""
-        device = self.params[0].device
-        rng_a = _rng_state(device)
-        loss_a = self.harmful_loss(harmful)                       # Step 3
-        g_a = [_fp32(g) for g in self.grads(loss_a)]
-        rng_b = _rng_state(device)
-        loss_b = self.benign_loss(benign)                         # Step 4
-        g_b = [_fp32(g) for g in self.grads(loss_b)]
-        return loss_a, g_a, loss_b, g_b, (rng_a, rng_b)
-
-    def _sd_grad_fd(self, harmful, benign):
-        eps = self.config.epsilon
-        device = self.params[0].device
-        loss_a, g_a, loss_b, g_b, (rng_a, rng_b) = self._gradients(harmful, benign)
-        n_a, n_b, cos = self._norms_and_cosine(g_a, g_b)
-        # Step 5: g_a' at θ + ε(ĝ_b − c·ĝ_a), same dropout masks as Step 3; restored on exit
-        # (the direction list is released once the move is applied, before the pass at θ')
-        with self.moved(self._direction(g_b, n_b, g_a, n_a, cos), eps, release=True), \
-                _replayed_rng(rng_a, device):
-            out = [_fp32(g) for g in self.grads(self.harmful_loss(harmful))]
-        for o, g in zip(out, g_a):                                # (g_a' − g_a)/(ε‖g_a‖), in place
-            o.sub_(g).div_(eps * n_a)
-        # Step 6 direction ĝ_a − c·ĝ_b, built in g_a's storage (g_a is not needed any more);
-        # the same operations as _direction, so the same numbers
-        for x, y in zip(g_a, g_b):
-            x.div_(n_a).sub_(cos * y / n_b)
-        v, g_a = g_a, None
-        del o, g, x, y  # loop variables would keep one tensor of the direction alive
-        # Step 6: g_b' at θ + ε(ĝ_a − c·ĝ_b), same dropout masks as Step 4; restored on exit
-        with self.moved(v, eps, release=True), _replayed_rng(rng_b, device):
-            g_b2 = [_fp32(g) for g in self.grads(self.benign_loss(benign))]
-        for o, g2, g in zip(out, g_b2, g_b):                      # + (g_b' − g_b)/(ε‖g_b‖)
-            o.add_(g2.sub_(g), alpha=1.0 / float(eps * n_b))
-        return out, _sd_logs(cos, n_a, n_b, loss_a, loss_b)
-
-    def _sd_grad_exact(self, harmful, benign):
-        loss_a = self.harmful_loss(harmful)
-        g_a = self.grads(loss_a, retain_graph=True, create_graph=True)
-        loss_b = self.benign_loss(benign)
-        g_b = self.grads(loss_b, retain_graph=True, create_graph=True)
-        # the directions come from the global-batch gradients when several processes train
-        fixed_a, fixed_b = [g.detach().clone() for g in g_a], [g.detach().clone() for g in g_b]
-        average_across_processes(fixed_a + fixed_b)
-        fixed_a, fixed_b = [_fp32(g) for g in fixed_a], [_fp32(g) for g in fixed_b]
-        n_a, n_b, cos = self._norms_and_cosine(fixed_a, fixed_b)
-        v_a = self._direction(fixed_b, n_b, fixed_a, n_a, cos)  # H_a acts on ĝ_b − c·ĝ_a
-        v_b = self._direction(fixed_a, n_a, fixed_b, n_b, cos)  # H_b acts on ĝ_a − c·ĝ_b
-        del fixed_a, fixed_b
-        # one double backward for both: ∇[g_a·v_a/‖g_a‖ + g_b·v_b/‖g_b‖] with v, norms held fixed
-        objective = dot(g_a, v_a) / n_a + dot(g_b, v_b) / n_b
-        out = [_fp32(g) for g in self.grads(objective)]
-        return out, _sd_logs(cos, n_a, n_b, loss_a, loss_b)
+        c = self.config
+        return coupling.self_destruct_grad(self, harmful, benign, self.harmful_loss, self.benign_loss,
+                                           c.epsilon, exact=c.exact_hvp, keep_fp32=c.sd_fp32)
 
     # -- one micro-step -----------------------------------------------------------------------
     def accumulate(self, batches, scale):
@@ -328,36 +244,10 @@ class SEAM(Defense):
         with torch.no_grad():
             loss_ul, s = self.unlearning_loss(harmful)
             loss_up = self.utility_loss(refusal)
-        with self._sd_precision():
-            loss_a, g_a, loss_b, g_b, _ = self._gradients(harmful, batches["benign"])
-            n_a, n_b, cos = self._norms_and_cosine(g_a, g_b)
+        with coupling.precision(self, self.config.sd_fp32):
+            loss_a, g_a, loss_b, g_b, _ = coupling.gradients(self, harmful, batches["benign"],
+                                                             self.harmful_loss, self.benign_loss)
+            n_a, n_b, cos = coupling.norms_and_cosine(self, g_a, g_b)
         return {"loss_ul": loss_ul.item(), "loss_up": loss_up.item(), "s_ul": s.item(),
-                **_sd_logs(cos, n_a, n_b, loss_a, loss_b)}
+                **coupling.sd_logs(cos, n_a, n_b, loss_a, loss_b)}
 
-
-def _sd_logs(cos, n_a, n_b, loss_a, loss_b) -> dict:
-    return {"cos_sd": float(cos), "harmful_ce": loss_a.item(), "benign_ce": loss_b.item(),
-            "harmful_grad_norm": float(n_a), "benign_grad_norm": float(n_b)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Same dropout masks in the perturbed pass as in the unperturbed one
-# ---------------------------------------------------------------------------------------------
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: dict, device: torch.device):
-    """Run a block with the RNG as it was in `state` (so dropout draws the same masks and
-    g' − g measures the move, not a new mask), then continue the global stream untouched."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], device)
-        yield
