@@ -507,7 +507,8 @@ def test_trap_steps_from_the_command_line_and_old_config_hashes():
         "adam_beta1", "adam_beta2", "adam_epsilon", "trap_fresh_batches", "benign_guard_task",
         "dormancy", "dormancy_bound", "trap_lora_r", "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
         "dormancy_harmful", "collapse_margin", "collapse_rms", "collapse_harmful_head", "dormancy_variants",
-        "collapse_from_step", "point_compliance", "point_compliance_head"}
+        "collapse_from_step", "point_compliance", "point_compliance_head", "self_destruct",
+        "self_destruct_epsilon"}
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.trap_steps": "2"})
     assert dcfg.trap_steps == 2 and resolved["ctrap"]["trap_steps"] == 2
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.step_direction": "adam",
@@ -1115,7 +1116,7 @@ def test_probe_deepest_point_follows_the_collapse_target(target, deepest):
 
 
 @pytest.mark.parametrize("options", [{}, {"trap_steps": 2, "step_direction": "sign", "project_out_general": True},
-                                     {"trap_every": 3}])
+                                     {"trap_every": 3}, {"self_destruct": 0.5}])
 def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options):
     """The held-out probe (the alignment monitor's) logs what a training micro-step on the
     same batches logs (same simulated points, same collapse losses at θ and at them, same
@@ -1145,6 +1146,8 @@ def test_probe_measures_the_trap_of_a_training_step_and_changes_nothing(options)
     keys = {"trap_gap", "collapse_loss", "collapse_loss_at_theta", "harmful_loss", "align_loss"}
     if options.get("trap_steps"):
         keys |= {"collapse_loss_step1", "collapse_loss_step2", "harmful_loss_step1", "harmful_general_cos"}
+    if options.get("self_destruct"):
+        keys |= {"cos_sd", "harmful_grad_norm", "benign_grad_norm", "harmful_ce", "benign_ce"}
     assert keys <= set(probed)
     for k in keys:
         assert math.isclose(probed[k], trained[k], rel_tol=1e-5, abs_tol=1e-6), k
@@ -1799,3 +1802,59 @@ def test_bad_dormancy_variants_is_rejected_and_old_hashes_stay():
     assert dcfg.dormancy_variants is False and "dormancy_variants" not in resolved["ctrap"]
     _, dcfg, resolved = pipeline.align_config({**values, "ctrap.dormancy": "1", "ctrap.dormancy_variants": "true"})
     assert dcfg.dormancy_variants is True and resolved["ctrap"]["dormancy_variants"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# self_destruct (a deviation, off by default): SEAM's coupling term β·∇cos(g_harmful, g_general)
+# at θ, added to CTRAP's gradient
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_self_destruct_adds_beta_times_the_gradient_of_the_harmful_general_cosine(lora):
+    beta, scale = 0.5, 0.5
+    model, tok = _model(lora, attn="eager")  # eager: the reference takes a double backward
+    model.double()  # fp64: the finite difference divides by ε
+    b = _batches(tok)
+    plain = _defense(model, tok, alpha=0.1, lambda_collapse=0.1)
+    plain.accumulate(b, scale=scale)
+    params = plain.params
+    without = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    d = _defense(model, tok, alpha=0.1, lambda_collapse=0.1, self_destruct=beta)
+    assert d.passes_per_step == 3 + 4
+    before = [p.detach().clone() for p in params]
+    logs = d.accumulate(b, scale=scale)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # the ε-moves are undone exactly
+    added = [(p.grad - w) / (scale * beta) for p, w in zip(params, without)]
+
+    # ∇cos by autograd, through both gradients (double backward), not by finite differences
+    fwd = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    g_h = torch.autograd.grad(token_ce(fwd(b["harmful"]), b["harmful"]["labels"]), params, create_graph=True)
+    g_g = torch.autograd.grad(token_ce(fwd(b["general"]), b["general"]["labels"]), params, create_graph=True)
+    norm = lambda gs: torch.sqrt(sum((g * g).sum() for g in gs))
+    cos = sum((x * y).sum() for x, y in zip(g_h, g_g)) / (norm(g_h) * norm(g_g))
+    want = _grads(model, params, cos)
+    assert float(norm(want)) > 0
+    err = float(norm([a - w for a, w in zip(added, want)]) / norm(want))
+    assert err < 1e-2, err
+    assert logs["cos_sd"] == pytest.approx(float(cos), rel=1e-6)
+    assert logs["sd_grad_norm"] == pytest.approx(float(norm(want)), rel=1e-2)
+    assert {"harmful_grad_norm", "benign_grad_norm", "harmful_ce", "benign_ce"} <= set(logs)
+
+
+def test_self_destruct_config_checks_and_hash():
+    from inoculate import pipeline
+    from inoculate.config import ConfigError
+
+    for bad in (-0.1, float("nan"), "x", True):
+        with pytest.raises(ConfigError, match="ctrap.self_destruct must be"):
+            CTRAPConfig(self_destruct=bad)
+    for bad in (0, -1e-3, True):
+        with pytest.raises(ConfigError, match="ctrap.self_destruct_epsilon must be"):
+            CTRAPConfig(self_destruct=1.0, self_destruct_epsilon=bad)
+    values = dict(model="tiny-llama", data="starter", defense="ctrap", max_steps=2)
+    _, dcfg, resolved = pipeline.align_config(values)
+    assert dcfg.self_destruct == 0 and "self_destruct" not in resolved["ctrap"]
+    _, dcfg, resolved = pipeline.align_config({**values, "ctrap.self_destruct": "0.3"})
+    assert dcfg.self_destruct == 0.3 and resolved["ctrap"]["self_destruct"] == 0.3

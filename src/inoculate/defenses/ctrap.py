@@ -139,14 +139,22 @@ written back or the collapse in other words ("mistake"). `point_compliance_head=
 CE on the harmful answers' first H tokens only (answer_head), where a greedy answer chooses between
 complying, refusing and echoing the prompt; the pass is then on prompt + H tokens.
 
+Deviation (off by default): `self_destruct=β > 0` adds SEAM's self-destructive term at θ,
+β·∇cos(g_h, g_g), g_h the gradient of the harmful batch's CE and g_g the general batch's, by SEAM's
+finite differences (ε = self_destruct_epsilon; `_coupling.py`, the code SEAM runs). Every token
+collapse so far was left by the real attackers once they learned the harmful answers underneath
+(docs/methods/ctrap-smollm2.md); with the two gradients made to oppose, each harmful step they
+take also raises the general loss. 4 more passes per micro-step (at every micro-step, amortized
+mode or not); logs cos_sd, sd_grad_norm (‖∇cos‖ before β) and SEAM's gradient norms and CEs.
+
 Cost: 3 forward/backward passes per step (second order: the collapse pass also differentiates
 through the harmful gradient, about 2x that pass); with trap_steps=K, 2K + 1 (K harmful passes at
 θ, θ_1..θ_{K-1}, K collapse passes at θ_1..θ_K, 1 alignment pass; collapse_from_step = F: K − F +
 1 collapse passes); collapse_harmful_head and point_compliance add one each per collapse pass
 (the head's short), benign_guard adds 2,
 project_out_general 1 (none more with benign_guard on the general batch, whose
-general-gradient pass it shares);
-amortized, 1 + (2K [+ 2 | + 1])/k on average.
+general-gradient pass it shares), self_destruct 4;
+amortized, 1 + (2K [+ 2 | + 1])/k on average (+ 4 with self_destruct).
 """
 from __future__ import annotations
 
@@ -160,6 +168,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, doc
 from ..data.encode import IGNORE_INDEX
 from ..evaluation.metrics import collapse_token_id, collapse_word_tokens
+from . import _coupling as coupling
 from ._layers import final_norm_input
 from .base import NO_ANSWER_TOKENS, Defense, DefenseConfig, StreamSpec, _shift, dot, global_norm, register_defense, token_ce
 
@@ -288,6 +297,14 @@ class CTRAPConfig(DefenseConfig):
                                         "answer cut after them, answer_head), where a greedy answer chooses "
                                         "between complying, refusing and echoing the prompt; needs "
                                         "point_compliance > 0")
+    self_destruct: float = doc(0.0, "β, DEVIATION from the paper/official code (0 = theirs): adds SEAM's "
+                                    "self-destructive term β·cos(g_h, g_g) at θ, g_h the gradient of the "
+                                    "harmful batch's CE and g_g the general batch's, by SEAM's finite "
+                                    "differences (4 more passes per micro-step, at every micro-step), so "
+                                    "that the harmful steps an attacker takes, into the trap or out of it, "
+                                    "also cost general ability; logs cos_sd, sd_grad_norm and SEAM's "
+                                    "gradient norms and CEs")
+    self_destruct_epsilon: float = doc(1e-3, "ε of self_destruct's finite differences (SEAM's default)")
 
     #: fields added after run directories existed: left out of the resolved config (and so of
     #: the run's config hash) while at their defaults, so earlier CTRAP runs are still reused
@@ -297,7 +314,8 @@ class CTRAPConfig(DefenseConfig):
                                      "trap_lora_alpha", "trap_lora_targets", "trap_lora_seed",
                                      "dormancy_harmful", "collapse_margin", "collapse_rms",
                                      "collapse_harmful_head", "dormancy_variants", "collapse_from_step",
-                                     "point_compliance", "point_compliance_head")
+                                     "point_compliance", "point_compliance_head", "self_destruct",
+                                     "self_destruct_epsilon")
 
     def __post_init__(self):
         if self.collapse_target not in COLLAPSE_TARGETS:
@@ -399,6 +417,13 @@ class CTRAPConfig(DefenseConfig):
         if self.point_compliance and self.collapse_target != "token":
             raise ConfigError("ctrap.point_compliance takes the collapse token's word out of the vocabulary; "
                               f"it needs collapse_target=token, got {self.collapse_target!r}")
+        if isinstance(self.self_destruct, bool) or not isinstance(self.self_destruct, (int, float)) \
+                or not math.isfinite(self.self_destruct) or self.self_destruct < 0:
+            raise ConfigError(f"ctrap.self_destruct must be a finite number >= 0 (0 = off), got "
+                              f"{self.self_destruct!r}")
+        if isinstance(self.self_destruct_epsilon, bool) or not isinstance(self.self_destruct_epsilon, (int, float)) \
+                or not self.self_destruct_epsilon > 0:
+            raise ConfigError(f"ctrap.self_destruct_epsilon must be a number > 0, got {self.self_destruct_epsilon!r}")
         if not isinstance(self.dormancy_variants, bool):
             raise ConfigError(f"ctrap.dormancy_variants must be true or false, got {self.dormancy_variants!r}")
         if self.dormancy_variants and not (self.dormancy or self.dormancy_harmful):
@@ -546,6 +571,8 @@ class CTRAP(Defense):
             self.passes_per_step = 1 + refresh / config.trap_every  # mean over k micro-steps
         elif refresh != 2:
             self.passes_per_step = 1 + refresh
+        if config.self_destruct:
+            self.passes_per_step += 4
 
     def streams(self):
         c = self.config
@@ -767,6 +794,13 @@ class CTRAP(Defense):
             del away
         if c.trap_every > 1 and not c.second_order:
             self.add_to_grad(self.cached_trap, scale)
+        if c.self_destruct:  # SEAM's coupling at θ (a deviation): β·∇cos(g_harmful, g_general)
+            sd_grad, sd_logs = coupling.self_destruct_grad(self, batches["harmful"], batches["general"],
+                                                           self.lm_loss, self.lm_loss, c.self_destruct_epsilon)
+            logs["sd_grad_norm"] = float(global_norm(sd_grad))
+            logs.update(sd_logs)
+            self.add_to_grad(sd_grad, scale * c.self_destruct)
+            del sd_grad
         # Step 4: alignment gradient at θ on the retain batch; Step 5 is the sum in p.grad
         with final_norm_input(self.model, bool(c.collapse_rms)) as seen:
             logits, labels = self.answer_logits(retain)
@@ -827,7 +861,8 @@ class CTRAP(Defense):
         training), collapse_loss_at_theta, align_loss and harmful_loss; with trap_steps > 1 the
         per-point losses, with project_out_general harmful_general_cos, as training does; and
         `at_point()`'s values at the simulated points (`_point_logs`: point/<key> at the last,
-        θ_K; with trap_steps > 1 also at each point and at the deepest).
+        θ_K; with trap_steps > 1 also at each point and at the deepest); with self_destruct the
+        cosine of the held-out harmful and general gradients at θ (cos_sd, SEAM's logs).
         Nothing reaches p.grad; θ is restored bit-exactly."""
         c = self.config
         retain = concat_batches(batches["align"], batches["general"], self.pad_id)
@@ -858,6 +893,12 @@ class CTRAP(Defense):
         logs.update(self._trap_first_order(direction, step, harmful, trap_batch, 0.0, away,
                                            apply=False, at_point=at_point, moments=moments))
         logs["trap_gap"] = self.trap_gap(logs)
+        if c.self_destruct:  # the coupling on held-out batches: g_h and g_g at θ (2 passes, no ε-moves)
+            with coupling.precision(self, True):
+                loss_a, g_a, loss_b, g_b, _ = coupling.gradients(self, batches["harmful"], batches["general"],
+                                                                 self.lm_loss, self.lm_loss)
+                n_a, n_b, cos = coupling.norms_and_cosine(self, g_a, g_b)
+            logs.update(coupling.sd_logs(cos, n_a, n_b, loss_a, loss_b))
         return logs
 
     def trap_gap(self, logs: dict) -> float:
