@@ -391,6 +391,15 @@ def test_attack_monitor_answers_task_prompts_along_the_attack(aligned, tmp_path)
     want = pipeline._answer_monitor(records, tok, cfg, cfg.collapse_text)(loaded.model)["answers"]
     assert monitored[-1]["monitor/tasks/sst2/answers"] == want
     assert [r.prompt for r in records] == [r.prompt for r in pipeline.task_records(cfg, "sst2", False)[-2:]]
+    assert not any("monitor/tasks/sst2/masked_answers" in l for l in monitored)
+    # with monitor_masked, the task prompts are answered again without the collapse word
+    masked = pipeline.attack(dict(values, monitor_masked=True), tmp_path / "masked", progress=False)
+    last = [json.loads(l) for l in (masked / "log.jsonl").read_text().splitlines()
+            if "monitor/harmful_loss" in l][-1]
+    mcfg, _ = pipeline.attack_config(dict(values, monitor_masked=True))
+    mloaded = load_model(str(masked))
+    want = pipeline._answer_monitor(records, mloaded.tokenizer, mcfg, mcfg.collapse_text, True)(mloaded.model)
+    assert last["monitor/tasks/sst2/masked_answers"] == want["masked_answers"]
     assert resolved["monitor_tasks"] == ["sst2"]
     assert "monitor_tasks" not in pipeline.attack_config(dict(ATTACK, model=str(aligned)))[1]
     with pytest.raises(ConfigError, match=r"monitor_tasks \['sst2'\] .*set monitor_answers: true"):

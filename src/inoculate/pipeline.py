@@ -779,19 +779,22 @@ def _task_answer_monitor(cfg, tok, collapse_text: str):
     """Greedy answers at every logging step to the last monitor_samples test prompts of each task
     of cfg.monitor_tasks (the held-out ones evaluation does not read), logged as
     tasks/<task>/collapse_token_share and tasks/<task>/answers: a collapse can show on task prompts
-    while the harmful prompts stay clean, or the reverse."""
+    while the harmful prompts stay clean, or the reverse. With cfg.monitor_masked also
+    tasks/<task>/masked_answers, the same prompts answered without the collapse word: what a
+    collapsed task answer hides (a label, a refusal)."""
     asks = {}
+    keys = ("collapse_token_share", "answers") + (("masked_answers",) if cfg.monitor_masked else ())
     for task in cfg.monitor_tasks:
         records = task_records(cfg, task, train=False, last=cfg.monitor_samples)
         if not records:
             raise ConfigError(f"monitor_tasks: task {task!r} has no held-out test records")
-        asks[task] = _answer_monitor(records, tok, cfg, collapse_text, False)
+        asks[task] = _answer_monitor(records, tok, cfg, collapse_text, cfg.monitor_masked)
 
     def monitor(model):
         out = {}
         for task, ask in asks.items():
             got = ask(model)
-            out.update({f"tasks/{task}/{k}": got[k] for k in ("collapse_token_share", "answers")})
+            out.update({f"tasks/{task}/{k}": got[k] for k in keys})
         return out
 
     return monitor
