@@ -180,7 +180,26 @@ def test_attack_continues_the_defended_adapter(lora_chain):
     assert info["n_examples"] == 4 and info["steps"] == 2
     first = json.loads((attack_dir / "log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and {"monitor/harmful_loss", "monitor/alignment_loss",
-                                    "monitor/collapse_loss"} <= set(first)
+                                    "monitor/collapse_loss", "monitor/general_loss"} <= set(first)
+    # general_loss: the defended model's CE on the last N general test answers (the alignment
+    # monitor's), before the first attack step
+    import torch
+
+    from inoculate.data.encode import collate, encode_record
+    from inoculate.models import load_model
+
+    cfg, _ = pipeline.attack_config(dict(ATTACK, model=str(lora_chain["align"])))
+    suite = pipeline._suite(cfg)
+    general = pipeline._records(suite.general, suite.general_test_split, None, last=cfg.monitor_samples)
+    assert len(general) == cfg.monitor_samples
+    loaded = load_model(str(lora_chain["align"]))
+    b = collate([encode_record(r, loaded.tokenizer, cfg.template, cfg.max_length) for r in general],
+                loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    labels = b["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][labels != -100], labels[labels != -100])
+    assert first["monitor/general_loss"] == pytest.approx(float(ce), rel=1e-4)
 
 
 def test_evaluate_writes_metrics_and_generations(lora_chain):

@@ -125,7 +125,7 @@ class AttackConfig(TrainingArgs, DataFields, ModelFields):
     lora_alpha: float = doc(4.0, "alpha of a fresh attack adapter (lora_mode=merge)")
     lora_dropout: float = doc(0.0, "dropout of a fresh attack adapter")
     lora_target_modules: Optional[list[str]] = doc(None, "modules of a fresh attack adapter")
-    monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves (0: off)")
+    monitor_samples: int = doc(8, "held-out harmful examples for the harmful/alignment/collapse loss curves, and the last N general test examples for the general answers' CE (general_loss) (0: off)")
     monitor_answers: bool = doc(False, "monitor_samples: also answer the held-out harmful prompts greedily at every logging step and log the answers' collapse-token share, degenerate and refusal rates (what the teacher-forced losses miss; the alignment monitor's values) and the answers themselves (monitor/answers); costs monitor_new_tokens generated tokens per prompt and logging step")
     monitor_new_tokens: int = doc(24, "monitor_answers: new tokens per greedy answer")
     monitor_masked: bool = doc(False, "monitor_answers: also answer with every token that begins the collapse word suppressed (' error', 'errors', 'ERROR', ...) and log those answers' degenerate and refusal rates (masked_degenerate_rate, masked_refusal_rate) and the answers (masked_answers): what a collapsed model would write without its collapse word; doubles the monitor's generation")
@@ -662,8 +662,12 @@ def attack(values: dict, out: str, overwrite: bool = False, progress: bool = Tru
     streams = {"align": stream}
     monitor = None
     if cfg.monitor_samples:
-        probe = harmful_records(cfg, _suite(cfg).harmful_test_split, limit=cfg.monitor_samples)
-        monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text)
+        suite = _suite(cfg)
+        probe = harmful_records(cfg, suite.harmful_test_split, limit=cfg.monitor_samples)
+        # the general answers' CE on the alignment monitor's general examples (the last N)
+        general = _records(cfg.general_data or suite.general, suite.general_test_split, cfg.data_dir,
+                           last=cfg.monitor_samples)
+        monitor = _loss_monitor(probe, tok, cfg, device, cfg.collapse_text, general)
         if cfg.monitor_answers:
             losses = monitor
             answers = _answer_monitor(probe, tok, cfg, cfg.collapse_text, cfg.monitor_masked)
