@@ -257,6 +257,8 @@ def test_attack_plot_draws_the_answers_where_an_attack_monitored_them(tmp_path):
                                     for s in range(3)]}
     assert [p[0] for p in _attack_panels(plain)] == ["harmful_loss", "alignment_loss", "collapse_loss"]
     assert [p[0] for p in _attack_panels(answered)][-1] == "collapse_token_share"
+    general = {"c (s1)": [dict(losses, step=s, **{"monitor/general_loss": 1.5}) for s in range(3)]}
+    assert [p[0] for p in _attack_panels({**answered, **general})][3:] == ["general_loss", "collapse_token_share"]
     answered["b (s1)"] = [dict(e, **{"monitor/tasks/sst2/collapse_token_share": 0.1, "monitor/tasks/sst2/answers": []})
                           for e in answered["b (s1)"]]
     assert _task_share_keys(answered["b (s1)"]) == ["tasks/sst2/collapse_token_share"]

@@ -333,12 +333,16 @@ def log_table(entries: list[dict], keys: Optional[list[str]] = None) -> str:
 
 
 def _attack_panels(curves: dict) -> list[tuple]:
-    """(monitor key, title, y label) of the attack plot's panels: the three losses, and the
-    greedy answers' collapse-token share when an attack logged it (monitor_answers)."""
+    """(monitor key, title, y label) of the attack plot's panels: the three losses, the general
+    answers' CE when an attack logged it (attacks since 2026-12-07), and the greedy answers'
+    collapse-token share when an attack logged it (monitor_answers)."""
     ce = "cross-entropy (nats/token)"
     panels = [("harmful_loss", "harmful loss", ce), ("alignment_loss", "alignment (refusal) loss", ce),
               ("collapse_loss", "collapse loss", ce)]
-    if any("monitor/collapse_token_share" in e for entries in curves.values() for e in entries):
+    logged = lambda key: any(f"monitor/{key}" in e for entries in curves.values() for e in entries)
+    if logged("general_loss"):
+        panels.append(("general_loss", "general answers' loss", ce))
+    if logged("collapse_token_share"):
         panels.append(("collapse_token_share", "greedy answers: collapse-token share", "fraction"))
     return panels
 
@@ -352,7 +356,8 @@ def _task_share_keys(entries: list[dict]) -> list[str]:
 
 def plot_attack_losses(rows, out: Path) -> list[Path]:
     """Per defense: harmful, alignment and collapse loss on held-out harmful prompts while each
-    attack trains (from the attack run's log.jsonl), and the greedy answers' collapse-token
+    attack trains (from the attack run's log.jsonl), the general answers' loss where logged, and
+    the greedy answers' collapse-token
     share where the attack monitored its answers (dashed: on each task's prompts, monitor_tasks)."""
     plt = _plt()
     made = []
@@ -389,7 +394,7 @@ def plot_attack_losses(rows, out: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{d}: losses on held-out harmful prompts during fine-tuning")
+        fig.suptitle(f"{d}: held-out losses and answers during fine-tuning")
         made.append(_save(plt, fig, out / f"attack_losses_{d}.png"))
     return made
 
