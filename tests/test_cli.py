@@ -107,6 +107,19 @@ def test_evaluate_prints_the_metrics(chain):
     assert runs.read_config(root / "attack" / "eval")["suite"] == ["harmful", "sst2"]
 
 
+def test_a_runs_config_file_redoes_it_and_names_its_stage(chain):
+    """A run's config.yaml (it records `stage: attack`) can be given back to the same command,
+    e.g. to attack another model with the same fields; given to another command it is refused."""
+    root, _, _, _ = chain
+    written = root / "attack" / "config.yaml"
+    again = invoke("attack", "--config", written, "--quiet", "--out", root / "attack-again")
+    assert again.exit_code == 0, again.output
+    assert runs.read_config(root / "attack-again") == runs.read_config(root / "attack")
+    wrong = invoke("align", "--config", written, "--out", root / "never")
+    assert wrong.exit_code == 2 and not (root / "never").exists()
+    assert "is the config of an attack run (stage: attack); give it to `inoculate attack`" in wrong.output
+
+
 def test_rerun_is_reused(chain):
     root, _, _, _ = chain
     before = (root / "align" / "run.json").stat().st_mtime_ns

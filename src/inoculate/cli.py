@@ -34,8 +34,14 @@ def _defense_epilog() -> str:
     return "\n".join(lines)
 
 
-def _values(config, sets, overrides, **explicit) -> dict:
+def _values(config, sets, overrides, stage: str, **explicit) -> dict:
     values = load_yaml(config)
+    # a run directory's config.yaml names its stage: it can be given again to the same command
+    # (to redo a run on another model or with changed fields), not to another
+    written = values.pop("stage", stage)
+    if written != stage:
+        raise ConfigError(f"{config} is the config of an {written} run (stage: {written}); "
+                          f"give it to `inoculate {written}`, not `inoculate {stage}`")
     for k, v in explicit.items():
         if v is not None:
             values[k] = v
@@ -113,7 +119,7 @@ def align(defense, model, data, out, config, sets, overwrite, data_dir, quiet, o
     from .pipeline import align as run
 
     path = _run_guarded(lambda: run(
-        _values(config, sets, overrides, defense=defense, model=model, data=data, data_dir=data_dir),
+        _values(config, sets, overrides, "align", defense=defense, model=model, data=data, data_dir=data_dir),
         out, overwrite=overwrite, progress=not quiet))
     click.echo(f"aligned model written to {path / 'model'}")
 
@@ -136,7 +142,7 @@ def attack(model, attack, samples, data, out, config, sets, overwrite, data_dir,
     from .pipeline import attack as run
 
     path = _run_guarded(lambda: run(
-        _values(config, sets, overrides, model=model, attack=attack, samples=samples, data=data,
+        _values(config, sets, overrides, "attack", model=model, attack=attack, samples=samples, data=data,
                 data_dir=data_dir),
         out, overwrite=overwrite, progress=not quiet))
     click.echo(f"attacked model written to {path / 'model'}")
@@ -160,7 +166,7 @@ def evaluate(model, suite, data, judge, out, config, sets, overwrite, data_dir, 
     from .pipeline import evaluate as run
 
     metrics = _run_guarded(lambda: run(
-        _values(config, sets, overrides, model=model, suite=suite, data=data, judge=judge,
+        _values(config, sets, overrides, "evaluate", model=model, suite=suite, data=data, judge=judge,
                 data_dir=data_dir),
         out, overwrite=overwrite, progress=not quiet))
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "model"}, indent=2))
