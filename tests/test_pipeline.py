@@ -179,10 +179,11 @@ def test_attack_continues_the_defended_adapter(lora_chain):
     info = _info(attack_dir)
     assert info["n_examples"] == 4 and info["steps"] == 2
     first = json.loads((attack_dir / "log.jsonl").read_text().splitlines()[0])
-    assert first["step"] == 0 and {"monitor/harmful_loss", "monitor/alignment_loss",
-                                    "monitor/collapse_loss", "monitor/general_loss"} <= set(first)
-    # general_loss: the defended model's CE on the last N general test answers (the alignment
-    # monitor's), before the first attack step
+    assert first["step"] == 0 and {"monitor/harmful_loss", "monitor/alignment_loss", "monitor/collapse_loss",
+                                    "monitor/uniform_loss", "monitor/general_loss"} <= set(first)
+    # the defended model before the first attack step, by hand: general_loss is the CE on the
+    # last N general test answers (the alignment monitor's), uniform_loss the CE to the uniform
+    # distribution at the first N harmful test answers' positions (the harmful_loss's)
     import torch
 
     from inoculate.data.encode import collate, encode_record
@@ -191,15 +192,25 @@ def test_attack_continues_the_defended_adapter(lora_chain):
     cfg, _ = pipeline.attack_config(dict(ATTACK, model=str(lora_chain["align"])))
     suite = pipeline._suite(cfg)
     general = pipeline._records(suite.general, suite.general_test_split, None, last=cfg.monitor_samples)
-    assert len(general) == cfg.monitor_samples
+    harmful = pipeline.harmful_records(cfg, suite.harmful_test_split, limit=cfg.monitor_samples)
+    assert len(general) == len(harmful) == cfg.monitor_samples
     loaded = load_model(str(lora_chain["align"]))
-    b = collate([encode_record(r, loaded.tokenizer, cfg.template, cfg.max_length) for r in general],
-                loaded.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    labels = b["labels"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1][labels != -100], labels[labels != -100])
+
+    def answer_logprobs(records):
+        b = collate([encode_record(r, loaded.tokenizer, cfg.template, cfg.max_length) for r in records],
+                    loaded.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        return torch.log_softmax(logits[:, :-1][labels != -100].float(), -1), labels[labels != -100]
+
+    logp, labels = answer_logprobs(general)
+    ce = -logp.gather(1, labels[:, None]).mean()
     assert first["monitor/general_loss"] == pytest.approx(float(ce), rel=1e-4)
+    logp, labels = answer_logprobs(harmful)
+    assert first["monitor/harmful_loss"] == pytest.approx(float(-logp.gather(1, labels[:, None]).mean()), rel=1e-4)
+    assert first["monitor/uniform_loss"] == pytest.approx(float(-logp.mean()), rel=1e-4)
+    assert first["monitor/uniform_loss"] > math.log(logp.shape[-1])  # the floor: a flat prediction
 
 
 def test_evaluate_writes_metrics_and_generations(lora_chain):

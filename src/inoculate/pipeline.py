@@ -709,9 +709,14 @@ def _attacker(cfg: AttackConfig, tok):
 def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
                   general: Optional[list[Record]] = None):
     """Harmful, alignment and collapse losses on held-out harmful prompts `probe` (the CTRAP
-    paper's Figure 3: the attack's curves), and with `general` the general answers' CE."""
+    paper's Figure 3: the attack's curves), and with `general` the general answers' CE. The
+    collapse loss is the CE to the collapse token on the harmful answers' positions; the uniform
+    loss is the CE to the uniform distribution there (its floor, log of the vocabulary size, is a
+    flat prediction): how far into a uniform-target trap (`ctrap.collapse_target: uniform`) the
+    attacker is."""
     from .data.encode import collate
     from .defenses.base import token_ce
+    from .defenses.ctrap import collapse_loss
     from .evaluation.metrics import collapse_token_id
 
     def batch(records, target):
@@ -734,7 +739,8 @@ def _loss_monitor(probe: list[Record], tok, cfg, device, collapse_text: str,
         model.eval()
         harmful_logits = logits(harmful_b)
         out = {"harmful_loss": float(token_ce(harmful_logits, harmful_b["labels"])),
-               "collapse_loss": float(token_ce(harmful_logits, collapse_labels))}
+               "collapse_loss": float(token_ce(harmful_logits, collapse_labels)),
+               "uniform_loss": float(collapse_loss(harmful_logits, harmful_b["labels"], "uniform", e))}
         del harmful_logits
         if align_b is not None:
             out["alignment_loss"] = float(token_ce(logits(align_b), align_b["labels"]))
