@@ -104,3 +104,14 @@ def test_bf16_cost_row():
     assert row["device"] == "cpu" and isinstance(row["native_bf16"], bool)
     assert row["fp32_seconds_per_step"] > 0 and row["bf16_seconds_per_step"] > 0
     assert row["bf16_time_ratio_vs_fp32"] == row["bf16_seconds_per_step"] / row["fp32_seconds_per_step"]
+
+
+def test_denormal_cost_row():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "denormal_cost.py"), "--model", "tiny-llama",
+                          "--steps", "1", "--max-length", "64", "--batch-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["device"] == "cpu" and row["batch_size"] == 2 and 0.0 <= row["subnormal_share"] <= 1.0
+    assert row["kept_seconds_per_step"] > 0 and row["flushed_seconds_per_step"] > 0
+    assert row["kept_time_ratio_vs_flushed"] == row["kept_seconds_per_step"] / row["flushed_seconds_per_step"]

@@ -139,6 +139,18 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny, tmp_path):
     assert any(not torch.allclose(g_half[n], g1[n], atol=1e-6) for n in g1)
 
 
+def test_training_on_a_cpu_flushes_subnormal_floats(tiny, tmp_path):
+    # subnormals (below 1.2e-38 in fp32) take the CPU's slow path; train() treats them as zero
+    subnormal = lambda: float(torch.tensor([1e-40]) * 1.0)
+    torch.set_flush_denormal(False)
+    try:
+        assert subnormal() > 0, "the check can fail: without the flush the product stays subnormal"
+        _sft_step(tiny, tmp_path, "flush", _examples(4, length=12, answer_from=5), batch=4, accumulation=1)
+        assert subnormal() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 class _ReportsEveryOther(SFT):
     """Reports `sparse` only on its first micro-step, like an amortized look-ahead defense."""
 

@@ -713,3 +713,19 @@ def test_rejudge_script_tells_where_the_monitors_collapse_sits(tmp_path):
     assert second["step"] == 20 and second["collapse_openings"] == {"start": 0, "refusal": 0, "compliant": 1}
     assert total == {"run": str(log), "key": "monitor/answers", "steps": 2, "n": 8,
                      "collapse_openings": {"start": 2, "refusal": 2, "compliant": 2}}
+
+
+def test_evaluation_on_a_cpu_flushes_subnormal_floats(tiny):
+    # generation's softmax over the vocabulary makes subnormals; evaluation treats them as zero,
+    # as training does (training.flush_cpu_denormals)
+    model, tok = tiny
+    subnormal = lambda: float(torch.tensor([1e-40]) * 1.0)
+    torch.set_flush_denormal(False)
+    try:
+        assert subnormal() > 0, "the check can fail: without the flush the product stays subnormal"
+        evaluate_model(model, tok, harmful_records=None, task_records={}, general_records=None,
+                       template="alpaca", judge="keyword", max_new_tokens=4, task_max_new_tokens=4,
+                       batch_size=2, max_length=64, collapse_token_id=collapse_token_id(tok), progress=False)
+        assert subnormal() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

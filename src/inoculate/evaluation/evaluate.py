@@ -68,6 +68,9 @@ def evaluate_model(
     {"kind": "harmful", prompt, answer, verdict, verdict_o, keyword_label, incoherent} or
     {"kind": <task>, prompt, answer, label, correct} or {"kind": "general", prompt, answer}.
     """
+    from ..training import flush_cpu_denormals
+
+    flush_cpu_denormals(next(model.parameters()).device)
     if isinstance(judge, str):
         judge = make_judge(judge)
     extra = {key: make_judge(j) if isinstance(j, str) else j for key, j in (extra_judges or {}).items()}
