@@ -95,23 +95,24 @@ def test_step_cost_profile_counts_operators_and_autocast_casts():
         assert rows["true"][name]["casts_per_step"] > rows["false"][name]["casts_per_step"]
 
 
-def test_bf16_cost_row():
+def _last_row(script: str, max_length: int) -> dict:
+    """The last JSON line `script` prints for one timed step of the tiny model at batch 2."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_cost.py"), "--model", "tiny-llama",
-                          "--steps", "1", "--max-length", "16", "--batch-size", "2"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--model", "tiny-llama",
+                          "--steps", "1", "--max-length", str(max_length), "--batch-size", "2"],
                          capture_output=True, text=True, env=env, timeout=600, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_bf16_cost_row():
+    row = _last_row("bf16_cost.py", 16)
     assert row["device"] == "cpu" and isinstance(row["native_bf16"], bool)
     assert row["fp32_seconds_per_step"] > 0 and row["bf16_seconds_per_step"] > 0
     assert row["bf16_time_ratio_vs_fp32"] == row["bf16_seconds_per_step"] / row["fp32_seconds_per_step"]
 
 
 def test_denormal_cost_row():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "denormal_cost.py"), "--model", "tiny-llama",
-                          "--steps", "1", "--max-length", "64", "--batch-size", "2"],
-                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = _last_row("denormal_cost.py", 64)  # the starter prompts need more than 16 tokens
     assert row["device"] == "cpu" and row["batch_size"] == 2 and 0.0 <= row["subnormal_share"] <= 1.0
     assert row["kept_seconds_per_step"] > 0 and row["flushed_seconds_per_step"] > 0
     assert row["kept_time_ratio_vs_flushed"] == row["kept_seconds_per_step"] / row["flushed_seconds_per_step"]
