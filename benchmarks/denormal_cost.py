@@ -16,7 +16,8 @@ max_length, steps, subnormal_share (of the softmax probabilities the logit lens 
 depth at the answer positions, computed with subnormals kept), kept_seconds_per_step, flushed_seconds_per_step and
 kept_time_ratio_vs_flushed (above 1: subnormals slow this pass down here). Input: the starter
 harmful answers (the packaged starter data), labels on their answer tokens; the first pass of
-each setting is a warm-up and is not timed. On a GPU the setting does nothing (the script says so).
+each setting is a warm-up and is not timed. It always runs on the CPU: the setting does nothing
+on a GPU.
 """
 from __future__ import annotations
 
